@@ -1,0 +1,126 @@
+//! The one error type of `butler-core`, shared by every backend.
+
+use std::fmt;
+
+/// A `Result` whose error is Butler's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Boxed source error carried by [`Error::Backend`] and [`Error::Unavailable`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in Butler, in the shape a caller acts on.
+///
+/// Messages are complete sentences that name the input, the problem and the next step, so a
+/// frontend prints them as they are.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The named object does not exist.
+    #[error("{kind} {id} not found; {hint}")]
+    NotFound {
+        /// What was looked up (`workflow`, `analysis`, `run`, `config`, …).
+        kind: Kind,
+        /// The identifier that was asked for.
+        id: String,
+        /// What the user can do about it.
+        hint: &'static str,
+    },
+    /// An object with the same identity already exists.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The object moved on: a compare-and-set found another state, or the change would duplicate
+    /// existing work. Nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
+    /// The input is wrong; the message names the input, the problem and the fix.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The backend cannot do this.
+    #[error("{0}")]
+    NotSupported(String),
+    /// A service could not be reached; trying again later may succeed.
+    #[error("{message}: {source}")]
+    Unavailable {
+        /// What was being attempted, and where.
+        message: String,
+        /// The underlying failure.
+        #[source]
+        source: BoxError,
+    },
+    /// Any other failure inside a backend.
+    #[error("{message}: {source}")]
+    Backend {
+        /// What was being attempted.
+        message: String,
+        /// The underlying failure.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// The kinds of object Butler tracks, as named in messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Kind {
+    /// A registered workflow.
+    Workflow,
+    /// An analysis.
+    Analysis,
+    /// An analysis run.
+    Run,
+    /// A stored config.
+    Config,
+    /// A task of a run.
+    Task,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Workflow => "workflow",
+            Kind::Analysis => "analysis",
+            Kind::Run => "run",
+            Kind::Config => "config",
+            Kind::Task => "task",
+        })
+    }
+}
+
+impl Error {
+    /// A [`Error::NotFound`] with the hint that fits `kind`.
+    pub fn not_found(kind: Kind, id: impl fmt::Display) -> Self {
+        let hint = match kind {
+            Kind::Workflow => "list them with `butler list-workflows`",
+            Kind::Analysis => "list them with `butler list-analyses`",
+            Kind::Run => "list them with `butler list-runs`",
+            Kind::Config => "config ids are printed by `butler list-workflows` and `list-analyses`",
+            Kind::Task => "the run's tasks are shown by `butler run-status`",
+        };
+        Error::NotFound {
+            kind,
+            id: id.to_string(),
+            hint,
+        }
+    }
+
+    /// A [`Error::Backend`] wrapping `source`.
+    pub fn backend(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Backend {
+            message: message.into(),
+            source: source.into(),
+        }
+    }
+
+    /// An [`Error::Unavailable`] wrapping `source`.
+    pub fn unavailable(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Unavailable {
+            message: message.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether trying the same call again later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+}

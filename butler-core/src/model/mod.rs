@@ -1,0 +1,21 @@
+//! Butler's vocabulary: workflows, analyses, analysis runs and their tasks.
+
+mod analysis;
+mod run;
+mod workflow;
+
+pub use analysis::{Analysis, NewAnalysis};
+pub use run::{AnalysisRun, NewRun, NewRuns, RunFilter, RunStatus};
+pub use workflow::{NewWorkflow, Workflow};
+
+/// Identifier of a workflow, an analysis or a run: small integers, as Butler has always printed.
+pub type Id = i64;
+
+/// Whose config an update replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigOwner {
+    /// A workflow's config layer.
+    Workflow(Id),
+    /// An analysis's config layer.
+    Analysis(Id),
+}
