@@ -124,3 +124,25 @@ impl Error {
         matches!(self, Error::Unavailable { .. })
     }
 }
+
+impl Error {
+    /// The [`Error::Conflict`] of a launch that would repeat runs: each pair is the new run's
+    /// source (a file name, or its position in the launch) and the existing run it duplicates.
+    pub fn duplicate_runs(duplicates: &[(String, crate::model::Id)]) -> Self {
+        const SHOWN: usize = 20;
+        let mut lines: Vec<String> = duplicates
+            .iter()
+            .take(SHOWN)
+            .map(|(source, run)| format!("  {source} duplicates run {run}"))
+            .collect();
+        if duplicates.len() > SHOWN {
+            lines.push(format!("  … and {} more", duplicates.len() - SHOWN));
+        }
+        Error::Conflict(format!(
+            "{} run config(s) were already launched for this workflow and analysis; no run was \
+             created:\n{}\nPass --allow-duplicates to launch them again.",
+            duplicates.len(),
+            lines.join("\n")
+        ))
+    }
+}

@@ -3,8 +3,13 @@
 pub mod config;
 pub mod definition;
 mod error;
+pub mod executor;
+pub mod memory;
 pub mod model;
+pub mod queue;
 mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{BoxError, Error, Kind, Result};
 pub use store::{DynRunStore, RunStore};

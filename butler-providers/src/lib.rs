@@ -1,1 +1,8 @@
-//! Butler providers.
+//! Butler's backends, one module per backend, each behind a cargo feature.
+//!
+//! Backends are chosen at run time from a URL with [`connect`].
+
+pub mod connect;
+pub mod local;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;

@@ -1,0 +1,6 @@
+//! Conformance suites every backend runs (feature `testing`).
+//!
+//! A backend is done when every suite here passes against it.
+
+pub mod queue;
+pub mod store;

@@ -1,0 +1,5 @@
+//! SQLite backend: the embedded default run store and queue.
+
+mod config;
+mod queue;
+mod store;
