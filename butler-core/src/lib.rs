@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod change;
 pub mod config;
 pub mod definition;
 mod error;
@@ -8,6 +9,7 @@ pub mod memory;
 pub mod model;
 pub mod queue;
 mod store;
+pub mod tracker;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -67,7 +67,7 @@ pub trait RunStore: Send + Sync + Debug + 'static {
     /// config has the sha256 of a run config already launched for the same workflow and analysis
     /// (or of an earlier run in the same batch) fails the whole launch with
     /// [`Error::Conflict`](crate::Error::Conflict) built by
-    /// [`crate::config::duplicate_runs_error`].
+    /// [`Error::duplicate_runs`](crate::Error::duplicate_runs).
     async fn create_runs(&self, runs: NewRuns) -> Result<Vec<AnalysisRun>>;
 
     /// The run with this id.

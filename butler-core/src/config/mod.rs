@@ -1,4 +1,12 @@
-//! Layered JSON config: the stored [`Config`], the merge of layers and its hashing.
+//! Layered JSON config: the stored [`Config`], the merge of layers, the provenance of each
+//! effective key, config files and hashing.
+
+mod files;
+mod layers;
+
+pub(crate) use files::{json_error_message, json_type_name};
+pub use files::{read_json_file, require_object, run_config_files};
+pub use layers::{Layer, Provenance, explain, merge};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

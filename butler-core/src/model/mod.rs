@@ -1,11 +1,15 @@
 //! Butler's vocabulary: workflows, analyses, analysis runs and their tasks.
 
 mod analysis;
+mod event;
 mod run;
+mod task;
 mod workflow;
 
-pub use analysis::{Analysis, NewAnalysis};
+pub use analysis::{Analysis, NewAnalysis, parse_date};
+pub use event::Event;
 pub use run::{AnalysisRun, NewRun, NewRuns, RunFilter, RunStatus};
+pub use task::{TaskInstance, TaskState};
 pub use workflow::{NewWorkflow, Workflow};
 
 /// Identifier of a workflow, an analysis or a run: small integers, as Butler has always printed.
