@@ -1,1 +1,23 @@
-fn main() {}
+//! `butler`: Butler's command line.
+
+mod commands;
+mod opt;
+mod output;
+mod settings;
+
+use std::{io::Write, process::ExitCode};
+
+fn main() -> ExitCode {
+    match commands::run(clap::Parser::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if output::is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: {}",
+                output::error_message(&error)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,5 @@
-//! The local process executor.
+//! The local backend: runs task attempts as processes on this machine.
+
+mod executor;
+
+pub use executor::LocalExecutor;

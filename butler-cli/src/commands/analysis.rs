@@ -1,0 +1,43 @@
+//! `create-analysis` and `list-analyses`.
+
+use std::io::Write;
+
+use anyhow::Result;
+use butler_core::config;
+use butler_core::model::parse_date;
+use butler_core::tracker::Tracker;
+use chrono::Utc;
+use serde_json::Value;
+
+use crate::opt::CreateAnalysis;
+use crate::output::{Table, timestamp};
+
+/// Creates an analysis and prints its id.
+pub async fn create(tracker: &Tracker, args: CreateAnalysis, out: &mut impl Write) -> Result<()> {
+    let start_date = match &args.date {
+        Some(text) => parse_date(text)?,
+        None => Utc::now().date_naive(),
+    };
+    let config = config::read_json_file(&args.config)?;
+    let analysis = tracker
+        .create_analysis(&args.name, start_date, config)
+        .await?;
+    writeln!(out, "Created analysis with ID: {}", analysis.id)?;
+    Ok(())
+}
+
+/// Prints every analysis.
+pub async fn list(tracker: &Tracker, json: bool, out: &mut impl Write) -> Result<()> {
+    let mut table = Table::new(&["ID", "NAME", "START DATE", "CONFIG ID", "CREATED"]);
+    for analysis in tracker.store().list_analyses().await? {
+        table.push(vec![
+            Value::from(analysis.id),
+            Value::from(analysis.name),
+            Value::from(analysis.start_date.format("%Y-%m-%d").to_string()),
+            Value::from(analysis.config_id.to_string()),
+            timestamp(analysis.created_at),
+        ]);
+    }
+    table.print(out, json)?;
+    Ok(())
+}

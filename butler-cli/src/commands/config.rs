@@ -1,0 +1,77 @@
+//! `update-config`, `print-effective-config` and `print-config`.
+
+use std::io::Write;
+
+use anyhow::{Result, anyhow, bail};
+use butler_core::config as layers;
+use butler_core::model::ConfigOwner;
+use butler_core::tracker::Tracker;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::opt::{PrintConfig, PrintEffectiveConfig, UpdateConfig};
+use crate::output::{Table, print_json};
+
+/// Replaces a workflow's or an analysis's config layer and prints the new config id.
+pub async fn update(tracker: &Tracker, args: UpdateConfig, out: &mut impl Write) -> Result<()> {
+    let owner = match (args.workflow, args.analysis) {
+        (Some(id), None) => ConfigOwner::Workflow(id),
+        (None, Some(id)) => ConfigOwner::Analysis(id),
+        _ => bail!("give exactly one of -w WORKFLOW_ID or -a ANALYSIS_ID"),
+    };
+    let data = layers::read_json_file(&args.config)?;
+    let config = tracker.update_config(owner, data).await?;
+    let (kind, id) = match owner {
+        ConfigOwner::Workflow(id) => ("workflow", id),
+        ConfigOwner::Analysis(id) => ("analysis", id),
+    };
+    writeln!(
+        out,
+        "Updated config of {kind} {id}: config ID {}",
+        config.id
+    )?;
+    Ok(())
+}
+
+/// Prints a run's effective config, or with `--explain` the layer that set each key.
+pub async fn effective(
+    tracker: &Tracker,
+    args: PrintEffectiveConfig,
+    out: &mut impl Write,
+) -> Result<()> {
+    if !args.explain {
+        let config = tracker.effective_config(args.run).await?;
+        print_json(out, &config.data)?;
+        return Ok(());
+    }
+    let mut table = Table::with_keys(&[("KEY", "path"), ("LAYER", "layer"), ("VALUE", "value")]);
+    for entry in tracker.explain(args.run).await? {
+        let value = if args.json {
+            entry.value
+        } else {
+            Value::String(entry.value.to_string())
+        };
+        table.push(vec![
+            Value::from(entry.path),
+            Value::from(entry.layer.to_string()),
+            value,
+        ]);
+    }
+    table.print(out, args.json)?;
+    Ok(())
+}
+
+/// Prints a stored config.
+pub async fn print(tracker: &Tracker, args: PrintConfig, out: &mut impl Write) -> Result<()> {
+    let text = args.config.trim();
+    let id = Uuid::parse_str(text).map_err(|e| {
+        anyhow!(
+            "bad config id {text:?} ({e}); a config id is a UUID such as \
+             67e55044-10b1-426f-9247-bb680e5fe0c8, printed by `butler list-workflows` and \
+             `butler list-analyses`"
+        )
+    })?;
+    let config = tracker.store().get_config(id).await?;
+    print_json(out, &config.data)?;
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! The command line as typed: clap structs whose doc comments are the `--help` text.
+
+use std::path::PathBuf;
+
+use butler_core::model::Id;
+use clap::{Args, Parser, Subcommand};
+
+/// Butler: register workflows, create analyses and launch one analysis run per sample config.
+///
+/// The tracker lives in $BUTLER_HOME (default ~/.butler); --db or BUTLER_DB points at another
+/// store.
+#[derive(Debug, Parser)]
+#[command(name = "butler", version)]
+pub struct Opt {
+    /// Store URL, e.g. sqlite:///path/to/butler.db [default: $BUTLER_HOME/butler.db].
+    #[arg(long, env = "BUTLER_DB", global = true, value_name = "URL")]
+    pub db: Option<String>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Butler's commands, with the names and flags existing scripts use.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register a workflow: a name, a version, its config and its task definition.
+    CreateWorkflow(CreateWorkflow),
+    /// List registered workflows.
+    ListWorkflows(JsonFlag),
+    /// Create an analysis: a name, a start date and its config.
+    CreateAnalysis(CreateAnalysis),
+    /// List analyses.
+    ListAnalyses(JsonFlag),
+    /// Launch a workflow for an analysis: one run per JSON run config.
+    LaunchWorkflow(LaunchWorkflow),
+    /// List analysis runs, oldest first.
+    ListRuns(ListRuns),
+    /// Replace the config of a workflow or an analysis for runs launched from now on.
+    UpdateConfig(UpdateConfig),
+    /// Count the runs of an analysis, per status or for one status.
+    GetRunCount(GetRunCount),
+    /// Print the effective config a run was launched with.
+    PrintEffectiveConfig(PrintEffectiveConfig),
+    /// Print a stored config by its id.
+    PrintConfig(PrintConfig),
+}
+
+/// `--json` for commands that print a table.
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print a JSON array of objects with the table's columns as keys.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `create-workflow`.
+#[derive(Debug, Args)]
+pub struct CreateWorkflow {
+    /// Workflow name; unique together with the version.
+    #[arg(short = 'n', long = "name", value_name = "NAME")]
+    pub name: String,
+    /// Workflow version, e.g. 1.0.
+    #[arg(short = 'v', long = "version", value_name = "VERSION")]
+    pub version: String,
+    /// The workflow's config: a JSON object, the lowest layer of every run's config.
+    #[arg(short = 'c', long = "config", value_name = "CONFIG.json")]
+    pub config: PathBuf,
+    /// Task definition (TOML or JSON) [default: $BUTLER_HOME/workflows/NAME.toml, or NAME.json].
+    #[arg(long, value_name = "FILE")]
+    pub definition: Option<PathBuf>,
+}
+
+/// Arguments of `create-analysis`.
+#[derive(Debug, Args)]
+pub struct CreateAnalysis {
+    /// Analysis name.
+    #[arg(short = 'n', long = "name", value_name = "NAME")]
+    pub name: String,
+    /// Start date, YYYY-MM-DD or MM-DD-YYYY [default: today, UTC].
+    #[arg(short = 'd', long = "date", value_name = "DATE")]
+    pub date: Option<String>,
+    /// The analysis's config: a JSON object, layered over the workflow's config.
+    #[arg(short = 'c', long = "config", value_name = "CONFIG.json")]
+    pub config: PathBuf,
+}
+
+/// Arguments of `launch-workflow`.
+#[derive(Debug, Args)]
+pub struct LaunchWorkflow {
+    /// The workflow to run.
+    #[arg(short = 'w', long = "workflow", value_name = "WORKFLOW_ID")]
+    pub workflow: Id,
+    /// The analysis the runs belong to.
+    #[arg(short = 'a', long = "analysis", value_name = "ANALYSIS_ID")]
+    pub analysis: Id,
+    /// A directory of run configs (every *.json under it, sorted) or one JSON file.
+    #[arg(short = 'c', long = "config", value_name = "DIR_OR_FILE")]
+    pub config: PathBuf,
+    /// Launch run configs even if identical ones were already launched for this workflow and
+    /// analysis.
+    #[arg(long)]
+    pub allow_duplicates: bool,
+}
+
+/// Arguments of `list-runs`.
+#[derive(Debug, Args)]
+pub struct ListRuns {
+    /// Only runs of this workflow.
+    #[arg(short = 'w', long = "workflow", value_name = "ID")]
+    pub workflow: Option<Id>,
+    /// Only runs of this analysis.
+    #[arg(short = 'a', long = "analysis", value_name = "ID")]
+    pub analysis: Option<Id>,
+    /// Only runs in this status: ready, scheduled, in-progress, completed, error, cancelled.
+    #[arg(short = 's', long = "status", value_name = "STATUS")]
+    pub status: Option<String>,
+    /// At most this many runs.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+    /// Print a JSON array of objects with the table's columns as keys.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `update-config`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("owner").required(true).args(["workflow", "analysis"]))]
+pub struct UpdateConfig {
+    /// Replace this workflow's config.
+    #[arg(short = 'w', long = "workflow", value_name = "ID")]
+    pub workflow: Option<Id>,
+    /// Replace this analysis's config.
+    #[arg(short = 'a', long = "analysis", value_name = "ID")]
+    pub analysis: Option<Id>,
+    /// The new config: a JSON object.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Arguments of `get-run-count`.
+#[derive(Debug, Args)]
+pub struct GetRunCount {
+    /// The analysis whose runs are counted.
+    #[arg(short = 'a', long = "analysis", value_name = "ID")]
+    pub analysis: Id,
+    /// Print only the number of runs in this status.
+    #[arg(short = 's', long = "status", value_name = "STATUS")]
+    pub status: Option<String>,
+    /// Print a JSON object {status: count}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `print-effective-config`.
+#[derive(Debug, Args)]
+pub struct PrintEffectiveConfig {
+    /// The run.
+    #[arg(short = 'r', long = "run", value_name = "RUN_ID")]
+    pub run: Id,
+    /// Show which layer (workflow, analysis, run, butler) set every key.
+    #[arg(long)]
+    pub explain: bool,
+    /// With --explain, print a JSON array of {path, layer, value} (the config itself is always
+    /// printed as JSON).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `print-config`.
+#[derive(Debug, Args)]
+pub struct PrintConfig {
+    /// The config's id (a UUID, as printed by list-workflows and list-analyses).
+    #[arg(short = 'c', long = "config", value_name = "CONFIG_ID")]
+    pub config: String,
+}

@@ -1,0 +1,11 @@
+//! Integration tests of the `butler` binary: each runs the real binary against a temporary
+//! `BUTLER_HOME`.
+
+mod analysis;
+mod cli;
+mod config;
+mod examples;
+mod launch;
+mod runs;
+mod util;
+mod workflow;
