@@ -1,1 +1,139 @@
 //! Choosing backends from URLs.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use butler_core::memory::MemoryRunStore;
+use butler_core::{DynRunStore, Error, Result};
+
+/// The store URL forms this build accepts, for error messages.
+const STORE_FORMS: &str = "sqlite:///absolute/path.db, sqlite://relative/path.db, sqlite::memory:, \
+                           a plain file path, or memory://";
+
+/// Opens the run store named by `url`.
+///
+/// - `sqlite:///abs/path.db`, `sqlite://relative.db`, `sqlite:path.db`, `sqlite::memory:`
+///   (feature `sqlite`), with optional `?durability=normal`: see
+///   [`SqliteConfig::from_url`](crate::sqlite::SqliteConfig::from_url);
+/// - a plain path such as `/var/lib/butler/butler.db` or `./butler.db`: a SQLite file;
+/// - `memory://`: an empty in-memory store that lives as long as the returned value.
+///
+/// Any other scheme, or one whose backend this build was compiled without, fails with
+/// [`Error::NotSupported`] naming the scheme and what to do.
+pub async fn connect_store(url: &str) -> Result<Arc<DynRunStore>> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "the store URL is empty; give one of: {STORE_FORMS}"
+        )));
+    }
+    let Some(scheme) = scheme(url) else {
+        return open_sqlite_file(url).await;
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(Arc::new(crate::sqlite::SqliteStore::connect(url).await?)),
+        #[cfg(not(feature = "sqlite"))]
+        "sqlite" => Err(not_compiled(url, "sqlite")),
+        "memory" => match url[scheme.len()..].trim_start_matches(':') {
+            "" | "//" => Ok(Arc::new(MemoryRunStore::new())),
+            _ => Err(Error::InvalidInput(format!(
+                "the store URL {url:?} has a path, but an in-memory store takes none; write \
+                 memory://"
+            ))),
+        },
+        "postgres" | "postgresql" => Err(not_compiled(url, "postgres")),
+        _ => Err(Error::NotSupported(format!(
+            "unknown store URL scheme `{scheme}` in {url:?}; give one of: {STORE_FORMS}"
+        ))),
+    }
+}
+
+/// The URL of the default store in `home` (`BUTLER_HOME`): `sqlite://{home}/butler.db`.
+pub fn default_store_url(home: &Path) -> String {
+    let path = home.join("butler.db");
+    format!("sqlite://{}", encode_path(&path.to_string_lossy()))
+}
+
+/// The URL's scheme: letters, digits, `+`, `-` or `.` before the first `:`, starting with a
+/// letter and at least two long, so `C:\…` and plain paths have none.
+fn scheme(url: &str) -> Option<&str> {
+    let (scheme, _) = url.split_once(':')?;
+    let mut chars = scheme.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    (valid && scheme.len() > 1).then_some(scheme)
+}
+
+#[cfg(feature = "sqlite")]
+async fn open_sqlite_file(path: &str) -> Result<Arc<DynRunStore>> {
+    let config = crate::sqlite::SqliteConfig::new(path);
+    Ok(Arc::new(crate::sqlite::SqliteStore::open(&config).await?))
+}
+
+#[cfg(not(feature = "sqlite"))]
+async fn open_sqlite_file(path: &str) -> Result<Arc<DynRunStore>> {
+    Err(not_compiled(path, "sqlite"))
+}
+
+fn not_compiled(url: &str, feature: &str) -> Error {
+    Error::NotSupported(format!(
+        "the store URL {url:?} needs the `{feature}` backend, which this build of butler was \
+         compiled without; rebuild with `--features {feature}` (cargo feature `{feature}` of \
+         butler-providers), or use one of: {STORE_FORMS}"
+    ))
+}
+
+/// Escapes the characters that would end or change the path part of a URL.
+pub(crate) fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '?' => out.push_str("%3F"),
+            '#' => out.push_str("%23"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_schemes_but_not_paths() {
+        assert_eq!(scheme("sqlite::memory:"), Some("sqlite"));
+        assert_eq!(scheme("sqlite:///a.db"), Some("sqlite"));
+        assert_eq!(scheme("memory://"), Some("memory"));
+        assert_eq!(scheme("postgres://host/db"), Some("postgres"));
+        assert_eq!(scheme("/var/lib/butler.db"), None);
+        assert_eq!(scheme("./a:b.db"), None);
+        assert_eq!(scheme("butler.db"), None);
+        assert_eq!(scheme("C:\\butler.db"), None);
+    }
+
+    #[cfg(not(feature = "sqlite"))]
+    #[tokio::test]
+    async fn sqlite_urls_name_the_missing_feature() {
+        for url in ["sqlite:///tmp/butler.db", "/tmp/butler.db"] {
+            let err = connect_store(url).await.expect_err("no sqlite backend");
+            let message = err.to_string();
+            assert!(matches!(err, Error::NotSupported(_)), "{err:?}");
+            assert!(message.contains("`sqlite`"), "{message}");
+        }
+    }
+
+    #[test]
+    fn default_url_points_into_home() {
+        assert_eq!(
+            default_store_url(Path::new("/home/u/.butler")),
+            "sqlite:///home/u/.butler/butler.db"
+        );
+        assert_eq!(
+            default_store_url(Path::new("/tmp/what?#")),
+            "sqlite:///tmp/what%3F%23/butler.db"
+        );
+    }
+}

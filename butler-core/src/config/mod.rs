@@ -33,7 +33,7 @@ impl Config {
     /// A new config with a fresh id and its hash.
     pub fn new(data: Value) -> Self {
         Config {
-            id: Uuid::new_v4(),
+            id: Uuid::now_v7(),
             sha256: sha256(&data),
             data,
         }

@@ -3,5 +3,5 @@
 mod queue;
 mod store;
 
-
-
+pub use queue::MemoryQueue;
+pub use store::MemoryRunStore;

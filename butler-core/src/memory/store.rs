@@ -1,1 +1,334 @@
 //! In-memory run store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use uuid::Uuid;
+
+use crate::config::{self, Config};
+use crate::error::{Error, Kind, Result};
+use crate::model::{
+    Analysis, AnalysisRun, ConfigOwner, Id, NewAnalysis, NewRuns, NewWorkflow, RunFilter,
+    RunStatus, Workflow,
+};
+use crate::store::RunStore;
+
+/// A [`RunStore`] that keeps everything in process memory, for tests and embedding.
+///
+/// It honours the whole [`RunStore`] contract within one process; its data is gone when it is
+/// dropped.
+#[derive(Debug, Default)]
+pub struct MemoryRunStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    configs: HashMap<Uuid, Config>,
+    /// Workflow `id` is at index `id - 1`.
+    workflows: Vec<Workflow>,
+    analyses: Vec<Analysis>,
+    runs: Vec<AnalysisRun>,
+    /// `(workflow, analysis) → run config sha256 → first run with it`: the duplicate index.
+    launched: HashMap<(Id, Id), HashMap<String, Id>>,
+}
+
+impl MemoryRunStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere cannot leave a half-applied write: every write checks first and
+        // mutates last, so the data behind a poisoned lock is still whole.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Position of `id` in a vector whose element `id` is at `id - 1`.
+fn index_of(id: Id, len: usize) -> Option<usize> {
+    let index = usize::try_from(id).ok()?.checked_sub(1)?;
+    (index < len).then_some(index)
+}
+
+fn next_id(len: usize) -> Id {
+    Id::try_from(len).map_or(Id::MAX, |n| n + 1)
+}
+
+impl Inner {
+    fn workflow(&self, id: Id) -> Result<&Workflow> {
+        index_of(id, self.workflows.len())
+            .map(|i| &self.workflows[i])
+            .ok_or_else(|| Error::not_found(Kind::Workflow, id))
+    }
+
+    fn analysis(&self, id: Id) -> Result<&Analysis> {
+        index_of(id, self.analyses.len())
+            .map(|i| &self.analyses[i])
+            .ok_or_else(|| Error::not_found(Kind::Analysis, id))
+    }
+
+    fn require_config(&self, id: Uuid) -> Result<()> {
+        if self.configs.contains_key(&id) {
+            Ok(())
+        } else {
+            Err(Error::not_found(Kind::Config, id))
+        }
+    }
+
+    /// Stores `config` unless a config with its id is already stored; stored configs never change.
+    fn store_config(&mut self, config: Config) {
+        self.configs.entry(config.id).or_insert(config);
+    }
+}
+
+#[async_trait]
+impl RunStore for MemoryRunStore {
+    async fn create_workflow(&self, new: NewWorkflow) -> Result<Workflow> {
+        let mut inner = self.lock();
+        if let Some(existing) = inner
+            .workflows
+            .iter()
+            .find(|w| w.name == new.name && w.version == new.version)
+        {
+            return Err(Error::AlreadyExists(format!(
+                "workflow {} version {} already exists (id {}); choose another version",
+                new.name, new.version, existing.id
+            )));
+        }
+        let workflow = Workflow {
+            id: next_id(inner.workflows.len()),
+            name: new.name,
+            version: new.version,
+            definition: new.definition,
+            config_id: new.config.id,
+            created_at: Utc::now(),
+        };
+        inner.store_config(new.config);
+        inner.workflows.push(workflow.clone());
+        Ok(workflow)
+    }
+
+    async fn get_workflow(&self, id: Id) -> Result<Workflow> {
+        self.lock().workflow(id).cloned()
+    }
+
+    async fn list_workflows(&self) -> Result<Vec<Workflow>> {
+        Ok(self.lock().workflows.clone())
+    }
+
+    async fn create_analysis(&self, new: NewAnalysis) -> Result<Analysis> {
+        let mut inner = self.lock();
+        let analysis = Analysis {
+            id: next_id(inner.analyses.len()),
+            name: new.name,
+            start_date: new.start_date,
+            config_id: new.config.id,
+            created_at: Utc::now(),
+        };
+        inner.store_config(new.config);
+        inner.analyses.push(analysis.clone());
+        Ok(analysis)
+    }
+
+    async fn get_analysis(&self, id: Id) -> Result<Analysis> {
+        self.lock().analysis(id).cloned()
+    }
+
+    async fn list_analyses(&self) -> Result<Vec<Analysis>> {
+        Ok(self.lock().analyses.clone())
+    }
+
+    async fn set_config(&self, owner: ConfigOwner, config: Config) -> Result<()> {
+        let mut inner = self.lock();
+        let config_id = config.id;
+        match owner {
+            ConfigOwner::Workflow(id) => {
+                let index = index_of(id, inner.workflows.len())
+                    .ok_or_else(|| Error::not_found(Kind::Workflow, id))?;
+                inner.store_config(config);
+                inner.workflows[index].config_id = config_id;
+            }
+            ConfigOwner::Analysis(id) => {
+                let index = index_of(id, inner.analyses.len())
+                    .ok_or_else(|| Error::not_found(Kind::Analysis, id))?;
+                inner.store_config(config);
+                inner.analyses[index].config_id = config_id;
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_config(&self, id: Uuid) -> Result<Config> {
+        self.lock()
+            .configs
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(Kind::Config, id))
+    }
+
+    async fn create_runs(&self, launch: NewRuns) -> Result<Vec<AnalysisRun>> {
+        let mut inner = self.lock();
+        inner.workflow(launch.workflow_id)?;
+        inner.analysis(launch.analysis_id)?;
+        inner.require_config(launch.workflow_config_id)?;
+        inner.require_config(launch.analysis_config_id)?;
+
+        let key = (launch.workflow_id, launch.analysis_id);
+        if !launch.allow_duplicates {
+            let launched = inner.launched.get(&key);
+            let sources = launch
+                .runs
+                .iter()
+                .enumerate()
+                .map(|(i, run)| (source_label(run.source_file.as_deref(), i), run));
+            let mut existing = Vec::new();
+            let mut in_batch = Vec::new();
+            let mut first_in_batch: HashMap<&str, String> = HashMap::new();
+            for (source, run) in sources {
+                let sha = run.run_config.sha256.as_str();
+                if let Some(&run_id) = launched.and_then(|l| l.get(sha)) {
+                    existing.push((source, run_id));
+                } else if let Some(first) = first_in_batch.get(sha) {
+                    in_batch.push((source, first.clone()));
+                } else {
+                    first_in_batch.insert(sha, source);
+                }
+            }
+            if !existing.is_empty() {
+                return Err(Error::duplicate_runs(&existing));
+            }
+            if !in_batch.is_empty() {
+                return Err(duplicates_in_launch(&in_batch));
+            }
+        }
+
+        let now = Utc::now();
+        let mut created = Vec::with_capacity(launch.runs.len());
+        for run in launch.runs {
+            let id = next_id(inner.runs.len());
+            let effective = Config::new(config::effective_for_run(run.merged_config, id));
+            let record = AnalysisRun {
+                id,
+                workflow_id: launch.workflow_id,
+                analysis_id: launch.analysis_id,
+                status: RunStatus::Ready,
+                workflow_config_id: launch.workflow_config_id,
+                analysis_config_id: launch.analysis_config_id,
+                run_config_id: run.run_config.id,
+                effective_config_id: effective.id,
+                source_file: run.source_file,
+                error: None,
+                created_at: now,
+                started_at: None,
+                ended_at: None,
+            };
+            inner
+                .launched
+                .entry(key)
+                .or_default()
+                .entry(run.run_config.sha256.clone())
+                .or_insert(id);
+            inner.store_config(run.run_config);
+            inner.store_config(effective);
+            inner.runs.push(record.clone());
+            created.push(record);
+        }
+        Ok(created)
+    }
+
+    async fn get_run(&self, id: Id) -> Result<AnalysisRun> {
+        let inner = self.lock();
+        index_of(id, inner.runs.len())
+            .map(|i| inner.runs[i].clone())
+            .ok_or_else(|| Error::not_found(Kind::Run, id))
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<AnalysisRun>> {
+        let inner = self.lock();
+        // Run `id` is at index `id - 1`, so keyset paging starts right after `after_id`.
+        let start = filter
+            .after_id
+            .map_or(0, |after| {
+                usize::try_from(after.max(0)).unwrap_or(usize::MAX)
+            })
+            .min(inner.runs.len());
+        let limit = filter
+            .limit
+            .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        Ok(inner.runs[start..]
+            .iter()
+            .filter(|run| {
+                filter.workflow_id.is_none_or(|w| run.workflow_id == w)
+                    && filter.analysis_id.is_none_or(|a| run.analysis_id == a)
+                    && filter.status.is_none_or(|s| run.status == s)
+            })
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn count_runs(&self, analysis_id: Id) -> Result<BTreeMap<RunStatus, u64>> {
+        let inner = self.lock();
+        inner.analysis(analysis_id)?;
+        let mut counts = BTreeMap::new();
+        for run in inner.runs.iter().filter(|r| r.analysis_id == analysis_id) {
+            *counts.entry(run.status).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+}
+
+/// How a run of a launch is named in messages: its file, or its position in the launch.
+fn source_label(source_file: Option<&str>, index: usize) -> String {
+    source_file.map_or_else(|| format!("run config #{}", index + 1), str::to_owned)
+}
+
+/// The [`Error::Conflict`] of a launch that holds the same run config twice.
+fn duplicates_in_launch(pairs: &[(String, String)]) -> Error {
+    let lines: Vec<String> = pairs
+        .iter()
+        .take(20)
+        .map(|(source, first)| format!("  {source} has the same run config as {first}"))
+        .collect();
+    let more = pairs
+        .len()
+        .checked_sub(20)
+        .filter(|&n| n > 0)
+        .map(|n| format!("\n  … and {n} more"))
+        .unwrap_or_default();
+    Error::Conflict(format!(
+        "{} run config(s) of this launch repeat an earlier one of the same launch; no run was \
+         created:\n{}{more}\nRemove the repeated files, or pass --allow-duplicates to launch them \
+         all.",
+        pairs.len(),
+        lines.join("\n")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_of_rejects_ids_outside_the_vector() {
+        assert_eq!(index_of(1, 3), Some(0));
+        assert_eq!(index_of(3, 3), Some(2));
+        assert_eq!(index_of(4, 3), None);
+        assert_eq!(index_of(0, 3), None);
+        assert_eq!(index_of(-5, 3), None);
+    }
+
+    #[test]
+    fn duplicates_in_launch_names_both_sources() {
+        let err = duplicates_in_launch(&[("b.json".into(), "a.json".into())]).to_string();
+        assert!(
+            err.contains("b.json has the same run config as a.json"),
+            "{err}"
+        );
+        assert!(err.contains("--allow-duplicates"), "{err}");
+    }
+}

@@ -25,3 +25,14 @@ pub struct Event {
     /// Why.
     pub reason: String,
 }
+
+/// Which events [`crate::RunStore::list_events`] returns, ordered by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only events of this run.
+    pub run_id: Option<Id>,
+    /// Only events with an id greater than this.
+    pub after: Id,
+    /// At most this many.
+    pub limit: u32,
+}

@@ -7,7 +7,7 @@ mod task;
 mod workflow;
 
 pub use analysis::{Analysis, NewAnalysis, parse_date};
-pub use event::Event;
+pub use event::{Event, EventFilter};
 pub use run::{AnalysisRun, NewRun, NewRuns, RunFilter, RunStatus};
 pub use task::{TaskInstance, TaskState};
 pub use workflow::{NewWorkflow, Workflow};

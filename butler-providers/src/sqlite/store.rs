@@ -1,1 +1,969 @@
 //! SQLite run store.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use butler_core::config::{self, Config};
+use butler_core::definition::Definition;
+use butler_core::model::{
+    Analysis, AnalysisRun, ConfigOwner, Id, NewAnalysis, NewRuns, NewWorkflow, RunFilter,
+    RunStatus, Workflow,
+};
+use butler_core::{BoxError, Error, Kind, Result, RunStore};
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::error::ErrorKind;
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, ConnectOptions, Row, SqliteConnection, SqlitePool, SqliteTransaction};
+use uuid::Uuid;
+
+use super::config::{Durability, SqliteConfig};
+
+/// The migrations of the tracker and the queue, applied by [`SqliteStore::open`].
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Rows per multi-row `INSERT`; with at most 11 values a row this stays far below SQLite's
+/// limit of 32766 bound values per statement.
+const INSERT_CHUNK: usize = 1000;
+
+/// Hashes per duplicate lookup, under the same limit.
+const LOOKUP_CHUNK: usize = 2000;
+
+/// The columns of `runs` in the order [`run_from_row`] reads them.
+const RUN_COLUMNS: &str = "id, workflow_id, analysis_id, status, workflow_config_id, \
+                           analysis_config_id, run_config_id, effective_config_id, source_file, \
+                           error, created_at, started_at, ended_at";
+
+/// Butler's run store in one SQLite database file (or in memory), the embedded default.
+///
+/// Cloning is cheap and shares the connection pool. Several stores, in this process or others,
+/// may open the same file: SQLite's write-ahead log lets readers run while one writer commits,
+/// and every write takes the write lock up front, so concurrent launches never interleave.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    config: Arc<SqliteConfig>,
+    /// Holds an in-memory database open while the pool opens and closes its connections.
+    _keeper: Option<Arc<Mutex<SqliteConnection>>>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.config.path)
+            .field("durability", &self.config.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens the database `config` names, creating the file and its parent directories if they
+    /// are missing, and applies the migrations it lacks.
+    pub async fn open(config: &SqliteConfig) -> Result<Self> {
+        let location = describe(config);
+        let options = connect_options(config)?;
+        if !config.is_memory()
+            && let Some(parent) = config.path.parent().filter(|p| !p.as_os_str().is_empty())
+        {
+            tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                Error::unavailable(
+                    format!(
+                        "cannot create the directory {} for {location}; check its permissions \
+                         or point --db at another place",
+                        parent.display()
+                    ),
+                    e,
+                )
+            })?;
+        }
+        let keeper = if config.is_memory() {
+            let conn = options
+                .connect()
+                .await
+                .map_err(|e| open_error(&location, e))?;
+            Some(Arc::new(Mutex::new(conn)))
+        } else {
+            None
+        };
+        let pool_options = SqlitePoolOptions::new().max_connections(config.connections());
+        let started = Instant::now();
+        let pool = loop {
+            match pool_options.clone().connect_with(options.clone()).await {
+                Ok(pool) => break pool,
+                // Switching a new file to WAL needs it to itself for a moment, and SQLite
+                // answers "busy" at once rather than waiting when another process is doing
+                // the same.
+                Err(e) if is_busy(&e) && started.elapsed() < config.busy_timeout() => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(open_error(&location, e)),
+            }
+        };
+        migrate(&pool, &location).await?;
+        Ok(SqliteStore {
+            pool,
+            config: Arc::new(config.clone()),
+            _keeper: keeper,
+        })
+    }
+
+    /// Opens the database named by a `sqlite:` URL (see [`SqliteConfig::from_url`]).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::open(&SqliteConfig::from_url(url)?).await
+    }
+
+    /// The connection pool, for other tables living in the same database (the queue).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The settings the store was opened with.
+    pub fn config(&self) -> &SqliteConfig {
+        &self.config
+    }
+
+    /// Closes every connection, waiting for those in use to be returned; later calls fail as
+    /// unavailable.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Maps a failure while `doing` something to Butler's error, naming the database.
+    fn fail(&self, doing: &str, err: sqlx::Error) -> Error {
+        map_error(&describe(&self.config), doing, err)
+    }
+
+    async fn begin_write(&self, doing: &str) -> Result<SqliteTransaction<'static>> {
+        // Taking the write lock at the start means a transaction never has to upgrade a read
+        // lock, which SQLite refuses at once instead of waiting for the busy timeout.
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.fail(doing, e))
+    }
+
+    async fn commit(&self, tx: SqliteTransaction<'static>, doing: &str) -> Result<()> {
+        tx.commit().await.map_err(|e| self.fail(doing, e))
+    }
+
+    fn corrupt(&self, what: &str, source: BoxError) -> Error {
+        Error::backend(
+            format!(
+                "{what} in {} cannot be read; the database may have been changed by hand or \
+                 by a newer butler",
+                describe(&self.config)
+            ),
+            source,
+        )
+    }
+
+    async fn exists(
+        &self,
+        conn: &mut SqliteConnection,
+        sql: &'static str,
+        key: impl ToString,
+        doing: &str,
+    ) -> Result<bool> {
+        sqlx::query_scalar::<_, i64>(sql)
+            .bind(key.to_string())
+            .fetch_optional(conn)
+            .await
+            .map(|row| row.is_some())
+            .map_err(|e| self.fail(doing, e))
+    }
+
+    /// Fails with `NotFound` when the launch names a workflow, analysis or config layer that
+    /// does not exist.
+    async fn check_references(&self, conn: &mut SqliteConnection, launch: &NewRuns) -> Result<()> {
+        let doing = "check the launch's workflow and analysis";
+        let checks: [(&'static str, Kind, String); 4] = [
+            (
+                "SELECT 1 FROM workflows WHERE id = ?",
+                Kind::Workflow,
+                launch.workflow_id.to_string(),
+            ),
+            (
+                "SELECT 1 FROM analyses WHERE id = ?",
+                Kind::Analysis,
+                launch.analysis_id.to_string(),
+            ),
+            (
+                "SELECT 1 FROM configs WHERE id = ?",
+                Kind::Config,
+                launch.workflow_config_id.to_string(),
+            ),
+            (
+                "SELECT 1 FROM configs WHERE id = ?",
+                Kind::Config,
+                launch.analysis_config_id.to_string(),
+            ),
+        ];
+        for (sql, kind, id) in checks {
+            if !self.exists(&mut *conn, sql, &id, doing).await? {
+                return Err(Error::not_found(kind, id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with `Conflict` when a run config of the launch was already launched for the
+    /// same workflow and analysis, or appears twice in the launch.
+    async fn check_duplicates(&self, conn: &mut SqliteConnection, launch: &NewRuns) -> Result<()> {
+        let mut distinct: Vec<&str> = Vec::new();
+        let mut seen = HashSet::new();
+        for run in &launch.runs {
+            if seen.insert(run.run_config.sha256.as_str()) {
+                distinct.push(&run.run_config.sha256);
+            }
+        }
+        let mut launched: HashMap<String, Id> = HashMap::new();
+        for chunk in distinct.chunks(LOOKUP_CHUNK) {
+            let sql = format!(
+                "SELECT run_config_sha256, min(id) FROM runs \
+                 WHERE workflow_id = ? AND analysis_id = ? AND run_config_sha256 IN ({}) \
+                 GROUP BY run_config_sha256",
+                placeholders(chunk.len())
+            );
+            let mut query = sqlx::query_as::<_, (String, Id)>(AssertSqlSafe(sql))
+                .persistent(chunk.len() == LOOKUP_CHUNK)
+                .bind(launch.workflow_id)
+                .bind(launch.analysis_id);
+            for sha in chunk {
+                query = query.bind(*sha);
+            }
+            let found = query
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| self.fail("look for run configs launched before", e))?;
+            launched.extend(found);
+        }
+
+        let mut existing = Vec::new();
+        let mut in_launch = Vec::new();
+        let mut first: HashMap<&str, String> = HashMap::new();
+        for (index, run) in launch.runs.iter().enumerate() {
+            let source = source_label(run.source_file.as_deref(), index);
+            let sha = run.run_config.sha256.as_str();
+            if let Some(&id) = launched.get(sha) {
+                existing.push((source, id));
+            } else if let Some(earlier) = first.get(sha) {
+                in_launch.push((source, earlier.clone()));
+            } else {
+                first.insert(sha, source);
+            }
+        }
+        if !existing.is_empty() {
+            return Err(Error::duplicate_runs(&existing));
+        }
+        if !in_launch.is_empty() {
+            return Err(duplicates_in_launch(&in_launch));
+        }
+        Ok(())
+    }
+
+    /// The largest run id ever handed out; new runs take the ids after it.
+    async fn last_run_id(&self, conn: &mut SqliteConnection) -> Result<Id> {
+        sqlx::query_scalar::<_, Id>(
+            "SELECT max(coalesce((SELECT max(id) FROM runs), 0), \
+                        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'runs'), 0))",
+        )
+        .fetch_one(conn)
+        .await
+        .map_err(|e| self.fail("reserve run ids", e))
+    }
+}
+
+#[async_trait]
+impl RunStore for SqliteStore {
+    async fn create_workflow(&self, new: NewWorkflow) -> Result<Workflow> {
+        let doing = format!("register workflow {} version {}", new.name, new.version);
+        let definition = serde_json::to_string(&new.definition)
+            .map_err(|e| Error::backend(format!("cannot {doing}: bad definition"), e))?;
+        let now = now_ms();
+        let mut tx = self.begin_write(&doing).await?;
+        if let Some(existing) = workflow_id_by_name(&mut tx, &new.name, &new.version)
+            .await
+            .map_err(|e| self.fail(&doing, e))?
+        {
+            return Err(workflow_exists(&new.name, &new.version, existing));
+        }
+        insert_configs(&mut tx, &[&new.config], now)
+            .await
+            .map_err(|e| self.fail(&doing, e))?;
+        let inserted = sqlx::query(
+            "INSERT INTO workflows (name, version, definition, config_id, created_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&new.name)
+        .bind(&new.version)
+        .bind(definition)
+        .bind(new.config.id.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await;
+        let id = match inserted {
+            Ok(done) => done.last_insert_rowid(),
+            Err(e) if is_kind(&e, ErrorKind::UniqueViolation) => {
+                let existing = workflow_id_by_name(&mut tx, &new.name, &new.version)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                return Err(workflow_exists(&new.name, &new.version, existing));
+            }
+            Err(e) => return Err(self.fail(&doing, e)),
+        };
+        self.commit(tx, &doing).await?;
+        Ok(Workflow {
+            id,
+            name: new.name,
+            version: new.version,
+            definition: new.definition,
+            config_id: new.config.id,
+            created_at: from_ms(now).map_err(|e| self.corrupt("the clock", e))?,
+        })
+    }
+
+    async fn get_workflow(&self, id: Id) -> Result<Workflow> {
+        let row = sqlx::query(
+            "SELECT id, name, version, definition, config_id, created_at \
+             FROM workflows WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.fail(&format!("read workflow {id}"), e))?
+        .ok_or_else(|| Error::not_found(Kind::Workflow, id))?;
+        workflow_from_row(&row).map_err(|e| self.corrupt(&format!("workflow {id}"), e))
+    }
+
+    async fn list_workflows(&self) -> Result<Vec<Workflow>> {
+        let rows = sqlx::query(
+            "SELECT id, name, version, definition, config_id, created_at \
+             FROM workflows ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.fail("list workflows", e))?;
+        rows.iter()
+            .map(workflow_from_row)
+            .collect::<Decoded<_>>()
+            .map_err(|e| self.corrupt("a workflow", e))
+    }
+
+    async fn create_analysis(&self, new: NewAnalysis) -> Result<Analysis> {
+        let doing = format!("create analysis {}", new.name);
+        let now = now_ms();
+        let mut tx = self.begin_write(&doing).await?;
+        insert_configs(&mut tx, &[&new.config], now)
+            .await
+            .map_err(|e| self.fail(&doing, e))?;
+        let id = sqlx::query(
+            "INSERT INTO analyses (name, start_date, config_id, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&new.name)
+        .bind(new.start_date.to_string())
+        .bind(new.config.id.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.fail(&doing, e))?
+        .last_insert_rowid();
+        self.commit(tx, &doing).await?;
+        Ok(Analysis {
+            id,
+            name: new.name,
+            start_date: new.start_date,
+            config_id: new.config.id,
+            created_at: from_ms(now).map_err(|e| self.corrupt("the clock", e))?,
+        })
+    }
+
+    async fn get_analysis(&self, id: Id) -> Result<Analysis> {
+        let row = sqlx::query(
+            "SELECT id, name, start_date, config_id, created_at FROM analyses WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.fail(&format!("read analysis {id}"), e))?
+        .ok_or_else(|| Error::not_found(Kind::Analysis, id))?;
+        analysis_from_row(&row).map_err(|e| self.corrupt(&format!("analysis {id}"), e))
+    }
+
+    async fn list_analyses(&self) -> Result<Vec<Analysis>> {
+        let rows = sqlx::query(
+            "SELECT id, name, start_date, config_id, created_at FROM analyses ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.fail("list analyses", e))?;
+        rows.iter()
+            .map(analysis_from_row)
+            .collect::<Decoded<_>>()
+            .map_err(|e| self.corrupt("an analysis", e))
+    }
+
+    async fn set_config(&self, owner: ConfigOwner, config: Config) -> Result<()> {
+        let (sql, kind, id) = match owner {
+            ConfigOwner::Workflow(id) => (
+                "UPDATE workflows SET config_id = ? WHERE id = ?",
+                Kind::Workflow,
+                id,
+            ),
+            ConfigOwner::Analysis(id) => (
+                "UPDATE analyses SET config_id = ? WHERE id = ?",
+                Kind::Analysis,
+                id,
+            ),
+        };
+        let doing = format!("update the config of {kind} {id}");
+        let mut tx = self.begin_write(&doing).await?;
+        insert_configs(&mut tx, &[&config], now_ms())
+            .await
+            .map_err(|e| self.fail(&doing, e))?;
+        let updated = sqlx::query(sql)
+            .bind(config.id.to_string())
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.fail(&doing, e))?
+            .rows_affected();
+        if updated == 0 {
+            // Dropping the transaction rolls back the config stored above.
+            return Err(Error::not_found(kind, id));
+        }
+        self.commit(tx, &doing).await
+    }
+
+    async fn get_config(&self, id: Uuid) -> Result<Config> {
+        let row = sqlx::query("SELECT data, sha256 FROM configs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.fail(&format!("read config {id}"), e))?
+            .ok_or_else(|| Error::not_found(Kind::Config, id))?;
+        let decode = || -> Decoded<Config> {
+            Ok(Config {
+                id,
+                data: serde_json::from_str(row.try_get::<&str, _>(0)?)?,
+                sha256: row.try_get(1)?,
+            })
+        };
+        decode().map_err(|e| self.corrupt(&format!("config {id}"), e))
+    }
+
+    async fn create_runs(&self, launch: NewRuns) -> Result<Vec<AnalysisRun>> {
+        let doing = format!(
+            "launch {} run(s) of workflow {} for analysis {}",
+            launch.runs.len(),
+            launch.workflow_id,
+            launch.analysis_id
+        );
+        let now = now_ms();
+        let created_at = from_ms(now).map_err(|e| self.corrupt("the clock", e))?;
+        let mut tx = self.begin_write(&doing).await?;
+        self.check_references(&mut tx, &launch).await?;
+        if !launch.allow_duplicates {
+            self.check_duplicates(&mut tx, &launch).await?;
+        }
+        let first_id = self.last_run_id(&mut tx).await? + 1;
+
+        let mut effective = Vec::with_capacity(launch.runs.len());
+        for (offset, run) in (0..).zip(&launch.runs) {
+            let data = config::effective_for_run(run.merged_config.clone(), first_id + offset);
+            effective.push(Config {
+                id: time_ordered_id(now),
+                sha256: config::sha256(&data),
+                data,
+            });
+        }
+        let configs: Vec<&Config> = launch
+            .runs
+            .iter()
+            .map(|r| &r.run_config)
+            .chain(&effective)
+            .collect();
+        let inserted = match insert_configs(&mut tx, &configs, now).await {
+            Ok(()) => insert_runs(&mut tx, &launch, &effective, first_id, now).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = inserted {
+            if is_kind(&e, ErrorKind::ForeignKeyViolation) {
+                self.check_references(&mut tx, &launch).await?;
+            }
+            return Err(self.fail(&doing, e));
+        }
+        self.commit(tx, &doing).await?;
+
+        let runs = (0..)
+            .zip(launch.runs)
+            .zip(effective)
+            .map(|((offset, run), effective)| AnalysisRun {
+                id: first_id + offset,
+                workflow_id: launch.workflow_id,
+                analysis_id: launch.analysis_id,
+                status: RunStatus::Ready,
+                workflow_config_id: launch.workflow_config_id,
+                analysis_config_id: launch.analysis_config_id,
+                run_config_id: run.run_config.id,
+                effective_config_id: effective.id,
+                source_file: run.source_file,
+                error: None,
+                created_at,
+                started_at: None,
+                ended_at: None,
+            })
+            .collect();
+        Ok(runs)
+    }
+
+    async fn get_run(&self, id: Id) -> Result<AnalysisRun> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.fail(&format!("read run {id}"), e))?
+            .ok_or_else(|| Error::not_found(Kind::Run, id))?;
+        run_from_row(&row).map_err(|e| self.corrupt(&format!("run {id}"), e))
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<AnalysisRun>> {
+        if filter.limit == Some(0) {
+            return Ok(Vec::new());
+        }
+        let mut conditions = Vec::new();
+        if filter.workflow_id.is_some() {
+            conditions.push("workflow_id = ?");
+        }
+        if filter.analysis_id.is_some() {
+            conditions.push("analysis_id = ?");
+        }
+        if filter.status.is_some() {
+            conditions.push("status = ?");
+        }
+        if filter.after_id.is_some() {
+            conditions.push("id > ?");
+        }
+        let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs");
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        sql.push_str(" ORDER BY id");
+        if filter.limit.is_some() {
+            sql.push_str(" LIMIT ?");
+        }
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        if let Some(id) = filter.workflow_id {
+            query = query.bind(id);
+        }
+        if let Some(id) = filter.analysis_id {
+            query = query.bind(id);
+        }
+        if let Some(status) = filter.status {
+            query = query.bind(status.as_str());
+        }
+        if let Some(id) = filter.after_id {
+            query = query.bind(id);
+        }
+        if let Some(limit) = filter.limit {
+            query = query.bind(i64::from(limit));
+        }
+        let rows = query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.fail("list runs", e))?;
+        rows.iter()
+            .map(run_from_row)
+            .collect::<Decoded<_>>()
+            .map_err(|e| self.corrupt("a run", e))
+    }
+
+    async fn count_runs(&self, analysis_id: Id) -> Result<BTreeMap<RunStatus, u64>> {
+        let doing = format!("count the runs of analysis {analysis_id}");
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.fail(&doing, e))?;
+        let sql = "SELECT 1 FROM analyses WHERE id = ?";
+        if !self.exists(&mut conn, sql, analysis_id, &doing).await? {
+            return Err(Error::not_found(Kind::Analysis, analysis_id));
+        }
+        let rows = sqlx::query_as::<_, (String, i64)>(
+            "SELECT status, count(*) FROM runs WHERE analysis_id = ? GROUP BY status",
+        )
+        .bind(analysis_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| self.fail(&doing, e))?;
+        let mut counts = BTreeMap::new();
+        for (status, count) in rows {
+            let status: RunStatus = status
+                .parse()
+                .map_err(|e: Error| self.corrupt("a run's status", e.into()))?;
+            counts.insert(status, u64::try_from(count).unwrap_or_default());
+        }
+        Ok(counts)
+    }
+}
+
+type Decoded<T> = std::result::Result<T, BoxError>;
+
+/// A random UUID that sorts after those made in earlier milliseconds (the layout of UUID v7).
+///
+/// Config ids are keys of a B-tree: random ids spread a launch's inserts over the whole index,
+/// which makes each launch rewrite pages across the file once it holds millions of configs;
+/// ids that grow with time keep them at the index's end.
+fn time_ordered_id(now_ms: i64) -> Uuid {
+    let random = Uuid::new_v4();
+    let mut tail = [0u8; 10];
+    tail.copy_from_slice(&random.as_bytes()[..10]);
+    uuid::Builder::from_unix_timestamp_millis(u64::try_from(now_ms).unwrap_or_default(), &tail)
+        .into_uuid()
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn from_ms(ms: i64) -> Decoded<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| format!("timestamp {ms} ms is out of range").into())
+}
+
+fn opt_from_ms(ms: Option<i64>) -> Decoded<Option<DateTime<Utc>>> {
+    ms.map(from_ms).transpose()
+}
+
+fn uuid_at(row: &SqliteRow, index: usize) -> Decoded<Uuid> {
+    Ok(Uuid::parse_str(row.try_get::<&str, _>(index)?)?)
+}
+
+fn workflow_from_row(row: &SqliteRow) -> Decoded<Workflow> {
+    let definition: Definition = serde_json::from_str(row.try_get::<&str, _>(3)?)?;
+    Ok(Workflow {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        version: row.try_get(2)?,
+        definition,
+        config_id: uuid_at(row, 4)?,
+        created_at: from_ms(row.try_get(5)?)?,
+    })
+}
+
+fn analysis_from_row(row: &SqliteRow) -> Decoded<Analysis> {
+    Ok(Analysis {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        start_date: row.try_get::<&str, _>(2)?.parse::<NaiveDate>()?,
+        config_id: uuid_at(row, 3)?,
+        created_at: from_ms(row.try_get(4)?)?,
+    })
+}
+
+/// Reads a row selected with [`RUN_COLUMNS`].
+fn run_from_row(row: &SqliteRow) -> Decoded<AnalysisRun> {
+    Ok(AnalysisRun {
+        id: row.try_get(0)?,
+        workflow_id: row.try_get(1)?,
+        analysis_id: row.try_get(2)?,
+        status: row.try_get::<&str, _>(3)?.parse()?,
+        workflow_config_id: uuid_at(row, 4)?,
+        analysis_config_id: uuid_at(row, 5)?,
+        run_config_id: uuid_at(row, 6)?,
+        effective_config_id: uuid_at(row, 7)?,
+        source_file: row.try_get(8)?,
+        error: row.try_get(9)?,
+        created_at: from_ms(row.try_get(10)?)?,
+        started_at: opt_from_ms(row.try_get(11)?)?,
+        ended_at: opt_from_ms(row.try_get(12)?)?,
+    })
+}
+
+async fn workflow_id_by_name(
+    conn: &mut SqliteConnection,
+    name: &str,
+    version: &str,
+) -> std::result::Result<Option<Id>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM workflows WHERE name = ? AND version = ?")
+        .bind(name)
+        .bind(version)
+        .fetch_optional(conn)
+        .await
+}
+
+fn workflow_exists(name: &str, version: &str, id: Id) -> Error {
+    Error::AlreadyExists(format!(
+        "workflow {name} version {version} already exists (id {id}); choose another version"
+    ))
+}
+
+/// `?, ?, …` with `n` placeholders.
+fn placeholders(n: usize) -> String {
+    let mut out = String::with_capacity(n * 3);
+    for i in 0..n {
+        out.push_str(if i == 0 { "?" } else { ", ?" });
+    }
+    out
+}
+
+/// `INSERT … VALUES (…), (…)` with `rows` tuples of `columns` placeholders.
+fn insert_sql(head: &str, columns: usize, rows: usize) -> String {
+    let tuple = format!("({})", placeholders(columns));
+    let mut sql = String::with_capacity(head.len() + 8 + rows * (tuple.len() + 2));
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&tuple);
+    }
+    sql
+}
+
+/// Stores configs; one already stored under the same id is kept as it is, since stored
+/// configs never change.
+async fn insert_configs(
+    conn: &mut SqliteConnection,
+    configs: &[&Config],
+    now: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    for chunk in configs.chunks(INSERT_CHUNK) {
+        let sql = insert_sql(
+            "INSERT OR IGNORE INTO configs (id, data, sha256, created_at)",
+            4,
+            chunk.len(),
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql))
+            .persistent(chunk.len() == 1 || chunk.len() == INSERT_CHUNK);
+        for config in chunk {
+            query = query
+                .bind(config.id.to_string())
+                .bind(config.data.to_string())
+                .bind(&config.sha256)
+                .bind(now);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+async fn insert_runs(
+    conn: &mut SqliteConnection,
+    launch: &NewRuns,
+    effective: &[Config],
+    first_id: Id,
+    now: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    let workflow_config_id = launch.workflow_config_id.to_string();
+    let analysis_config_id = launch.analysis_config_id.to_string();
+    let rows: Vec<(Id, _)> = (first_id..)
+        .zip(launch.runs.iter().zip(effective))
+        .collect();
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let sql = insert_sql(
+            "INSERT INTO runs (id, workflow_id, analysis_id, status, workflow_config_id, \
+             analysis_config_id, run_config_id, effective_config_id, run_config_sha256, \
+             source_file, created_at)",
+            11,
+            chunk.len(),
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(chunk.len() == INSERT_CHUNK);
+        for (id, (run, effective)) in chunk {
+            query = query
+                .bind(*id)
+                .bind(launch.workflow_id)
+                .bind(launch.analysis_id)
+                .bind(RunStatus::Ready.as_str())
+                .bind(&workflow_config_id)
+                .bind(&analysis_config_id)
+                .bind(run.run_config.id.to_string())
+                .bind(effective.id.to_string())
+                .bind(&run.run_config.sha256)
+                .bind(run.source_file.as_deref())
+                .bind(now);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// How a run of a launch is named in messages: its file, or its position in the launch.
+fn source_label(source_file: Option<&str>, index: usize) -> String {
+    source_file.map_or_else(|| format!("run config #{}", index + 1), str::to_owned)
+}
+
+/// The [`Error::Conflict`] of a launch that holds the same run config twice.
+fn duplicates_in_launch(pairs: &[(String, String)]) -> Error {
+    const SHOWN: usize = 20;
+    let mut lines: Vec<String> = pairs
+        .iter()
+        .take(SHOWN)
+        .map(|(source, first)| format!("  {source} has the same run config as {first}"))
+        .collect();
+    if pairs.len() > SHOWN {
+        lines.push(format!("  … and {} more", pairs.len() - SHOWN));
+    }
+    Error::Conflict(format!(
+        "{} run config(s) of this launch repeat an earlier one of the same launch; no run was \
+         created:\n{}\nRemove the repeated files, or pass --allow-duplicates to launch them all.",
+        pairs.len(),
+        lines.join("\n")
+    ))
+}
+
+/// The database as named in messages.
+fn describe(config: &SqliteConfig) -> String {
+    if config.is_memory() {
+        "the in-memory SQLite database".to_owned()
+    } else {
+        format!("the SQLite database {}", config.path.display())
+    }
+}
+
+fn connect_options(config: &SqliteConfig) -> Result<SqliteConnectOptions> {
+    let options = if config.is_memory() {
+        // A fresh name per store: a shared in-memory database that only this store's
+        // connections see.
+        "sqlite::memory:"
+            .parse::<SqliteConnectOptions>()
+            .map_err(|e| Error::backend("cannot set up an in-memory SQLite database", e))?
+    } else {
+        SqliteConnectOptions::new()
+            .filename(&config.path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+    };
+    Ok(options
+        .foreign_keys(true)
+        .busy_timeout(config.busy_timeout())
+        .synchronous(match config.durability {
+            Durability::Full => SqliteSynchronous::Full,
+            Durability::Normal => SqliteSynchronous::Normal,
+        }))
+}
+
+fn is_kind(err: &sqlx::Error, kind: ErrorKind) -> bool {
+    err.as_database_error().is_some_and(|db| db.kind() == kind)
+}
+
+/// Whether SQLite answered `SQLITE_BUSY` or `SQLITE_LOCKED`: another connection holds a lock.
+fn is_busy(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
+/// Whether SQLite's result code says the database is busy, locked or unreachable: states that
+/// pass, where trying again can succeed.
+fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(0);
+            // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN.
+            matches!(code & 0xff, 5 | 6 | 10 | 13 | 14)
+        }
+        _ => false,
+    }
+}
+
+fn map_error(location: &str, doing: &str, err: sqlx::Error) -> Error {
+    if is_transient(&err) {
+        Error::unavailable(
+            format!(
+                "cannot {doing}: {location} is busy or unreachable; try again, and check that \
+                 its disk has room and the file is readable and writable"
+            ),
+            err,
+        )
+    } else {
+        Error::backend(format!("cannot {doing} in {location}"), err)
+    }
+}
+
+fn open_error(location: &str, err: sqlx::Error) -> Error {
+    Error::unavailable(
+        format!(
+            "cannot open {location}; check that the path is right and its directory is writable"
+        ),
+        err,
+    )
+}
+
+/// Applies the migrations the database lacks.
+async fn migrate(pool: &SqlitePool, location: &str) -> Result<()> {
+    // Processes opening a new file at the same moment each try to apply the first migrations;
+    // the losers fail on tables the winner just created, and find them applied on a retry.
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(MigrateError::ExecuteMigration(..) | MigrateError::Execute(_))
+                if attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(migrate_error(location, e)),
+        }
+    }
+}
+
+fn migrate_error(location: &str, err: MigrateError) -> Error {
+    match err {
+        MigrateError::VersionMissing(version) => Error::NotSupported(format!(
+            "{location} was set up by a newer butler (it has migration {version}, which this \
+             build does not know); upgrade butler, or use another database"
+        )),
+        MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) if is_transient(&e) => {
+            map_error(location, "apply the database migrations", e)
+        }
+        other => Error::backend(
+            format!("cannot apply the database migrations to {location}"),
+            other,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_sql_repeats_one_tuple_per_row() {
+        assert_eq!(
+            insert_sql("INSERT INTO t (a, b)", 2, 3),
+            "INSERT INTO t (a, b) VALUES (?, ?), (?, ?), (?, ?)"
+        );
+        assert_eq!(placeholders(1), "?");
+    }
+
+    #[test]
+    fn time_ordered_ids_sort_by_time_as_text() {
+        let earlier = time_ordered_id(1_700_000_000_000).to_string();
+        let later = time_ordered_id(1_700_000_000_001).to_string();
+        assert!(earlier < later, "{earlier} < {later}");
+        assert_ne!(time_ordered_id(5), time_ordered_id(5));
+    }
+
+    #[test]
+    fn labels_runs_by_file_or_position() {
+        assert_eq!(source_label(Some("s1.json"), 0), "s1.json");
+        assert_eq!(source_label(None, 2), "run config #3");
+    }
+}

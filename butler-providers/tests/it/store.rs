@@ -1,1 +1,666 @@
-//! store tests.
+//! Run stores: the conformance suite against every store, then what only SQLite promises.
+
+use std::time::{Duration, Instant};
+
+use butler_core::config::Config;
+use butler_core::memory::MemoryRunStore;
+use butler_core::model::{
+    Analysis, AnalysisRun, NewAnalysis, NewRun, NewRuns, NewWorkflow, RunFilter, RunStatus,
+    Workflow,
+};
+use butler_core::testing::store::run_all;
+use butler_core::{Error, RunStore};
+use butler_providers::connect::{connect_store, default_store_url};
+use butler_providers::sqlite::{Durability, SqliteConfig, SqliteStore};
+use chrono::NaiveDate;
+use serde_json::json;
+use sqlx::error::ErrorKind;
+
+use crate::util::{TempDb, open_sqlite};
+
+#[tokio::test]
+async fn memory_store_passes_the_conformance_suite() {
+    run_all(&MemoryRunStore::new()).await;
+}
+
+#[tokio::test]
+async fn sqlite_file_store_passes_the_conformance_suite() {
+    let db = TempDb::new();
+    run_all(&db.open().await).await;
+}
+
+#[tokio::test]
+async fn sqlite_memory_store_passes_the_conformance_suite() {
+    let store = SqliteStore::connect("sqlite::memory:").await.expect("open");
+    run_all(&store).await;
+}
+
+#[tokio::test]
+async fn every_store_url_form_passes_the_conformance_suite() {
+    let db = TempDb::new();
+    let bare = db.dir.path().join("bare.db");
+    for url in [
+        "memory://".to_owned(),
+        "sqlite::memory:".to_owned(),
+        db.url(""),
+        bare.display().to_string(),
+    ] {
+        let store = connect_store(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        run_all(store.as_ref()).await;
+    }
+    assert!(bare.exists(), "a plain path opens a SQLite file there");
+    assert!(db.path.exists());
+}
+
+#[tokio::test]
+async fn sqlite_memory_stores_are_separate() {
+    let a = SqliteStore::connect("sqlite::memory:").await.expect("a");
+    let b = SqliteStore::connect("sqlite::memory:").await.expect("b");
+    setup(&a, "only-in-a").await;
+    assert_eq!(a.list_workflows().await.expect("list").len(), 1);
+    assert!(b.list_workflows().await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn connect_store_refuses_unknown_and_missing_backends() {
+    let err = connect_store("postgres://localhost/butler")
+        .await
+        .expect_err("no postgres backend in this build");
+    let message = err.to_string();
+    assert!(matches!(err, Error::NotSupported(_)), "{err:?}");
+    assert!(
+        message.contains("postgres") && message.contains("feature"),
+        "names the scheme and the cargo feature: {message}"
+    );
+
+    let err = connect_store("foo://bar")
+        .await
+        .expect_err("unknown scheme");
+    let message = err.to_string();
+    assert!(matches!(err, Error::NotSupported(_)), "{err:?}");
+    assert!(
+        message.contains("`foo`") && message.contains("sqlite://") && message.contains("memory://"),
+        "names the scheme and the accepted forms: {message}"
+    );
+
+    let err = connect_store("memory://somewhere").await.expect_err("path");
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    let err = connect_store("  ").await.expect_err("empty");
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    let err = connect_store("sqlite:///tmp/x.db?durability=fast")
+        .await
+        .expect_err("bad durability");
+    assert!(err.to_string().contains("fast"), "{err}");
+}
+
+#[tokio::test]
+async fn default_store_url_opens_a_file_in_home() {
+    let db = TempDb::new();
+    let home = db.dir.path().join("home");
+    let url = default_store_url(&home);
+    assert_eq!(url, format!("sqlite://{}/butler.db", home.display()));
+    let store = connect_store(&url).await.expect("the default store opens");
+    setup(store.as_ref(), "home").await;
+    assert!(
+        home.join("butler.db").exists(),
+        "the database file is created in home, with home itself"
+    );
+}
+
+#[tokio::test]
+async fn data_survives_closing_and_reopening() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let (workflow, analysis) = setup(&store, "reopen").await;
+    let runs = launch(&store, &workflow, &analysis, 3)
+        .await
+        .expect("launch");
+    store.close().await;
+    drop(store);
+
+    let reopened = db.open().await;
+    assert_eq!(
+        reopened.get_workflow(workflow.id).await.expect("workflow"),
+        workflow
+    );
+    assert_eq!(
+        reopened.get_analysis(analysis.id).await.expect("analysis"),
+        analysis
+    );
+    let listed = reopened
+        .list_runs(&RunFilter {
+            analysis_id: Some(analysis.id),
+            ..RunFilter::default()
+        })
+        .await
+        .expect("runs");
+    assert_eq!(listed, runs, "runs come back exactly as launched");
+    let effective = reopened
+        .get_config(runs[2].effective_config_id)
+        .await
+        .expect("effective config");
+    assert_eq!(effective.data["analysis_run_id"], json!(runs[2].id));
+
+    let more = launch(&reopened, &workflow, &analysis, 1)
+        .await
+        .expect("more");
+    assert!(
+        more[0].id > runs[2].id,
+        "ids keep increasing after a reopen"
+    );
+}
+
+#[tokio::test]
+async fn a_second_store_on_the_same_file_sees_the_first_ones_writes() {
+    let db = TempDb::new();
+    let first = db.open().await;
+    let second = db.open().await;
+    let (workflow, analysis) = setup(&first, "shared").await;
+    let runs = launch(&first, &workflow, &analysis, 2)
+        .await
+        .expect("launch");
+    assert_eq!(
+        second.get_workflow(workflow.id).await.expect("wf"),
+        workflow
+    );
+    assert_eq!(second.get_run(runs[1].id).await.expect("run"), runs[1]);
+
+    let later = launch(&second, &workflow, &analysis, 2)
+        .await
+        .expect("launch from the second store");
+    assert!(later[0].id > runs[1].id);
+    let counts = first.count_runs(analysis.id).await.expect("counts");
+    assert_eq!(counts.get(&RunStatus::Ready), Some(&4));
+}
+
+#[tokio::test]
+async fn stores_opening_a_new_file_at_once_all_succeed() {
+    for _ in 0..5 {
+        let db = TempDb::new();
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let path = db.path.clone();
+                tokio::spawn(async move { SqliteStore::open(&SqliteConfig::new(path)).await })
+            })
+            .collect();
+        for open in opens {
+            let store = open.await.expect("join").expect("every store opens");
+            assert!(store.list_workflows().await.expect("list").is_empty());
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_launches_on_one_file_get_distinct_increasing_ids() {
+    let db = TempDb::new();
+    let setup_store = db.open().await;
+    let (workflow, analysis) = setup(&setup_store, "concurrent").await;
+    let mut tasks = Vec::new();
+    for launcher in 0..4 {
+        let store = db.open().await;
+        let (workflow, analysis) = (workflow.clone(), analysis.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for batch in 0..5 {
+                let runs = launch_named(
+                    &store,
+                    &workflow,
+                    &analysis,
+                    &format!("l{launcher}-b{batch}"),
+                    50,
+                )
+                .await
+                .expect("a concurrent launch succeeds");
+                ids.extend(runs.iter().map(|r| r.id));
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        let ids = task.await.expect("the launcher finishes");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "each launcher's ids increase"
+        );
+        all.extend(ids);
+    }
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 4 * 5 * 50, "no run id is handed out twice");
+    let counts = setup_store.count_runs(analysis.id).await.expect("counts");
+    assert_eq!(counts.get(&RunStatus::Ready), Some(&1000));
+}
+
+#[tokio::test]
+async fn status_check_rejects_an_unknown_state_written_by_hand() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let (workflow, analysis) = setup(&store, "check").await;
+    let runs = launch(&store, &workflow, &analysis, 1)
+        .await
+        .expect("launch");
+    let err = sqlx::query("UPDATE runs SET status = 'running' WHERE id = ?")
+        .bind(runs[0].id)
+        .execute(store.pool())
+        .await
+        .expect_err("the CHECK constraint refuses an unknown status");
+    assert_eq!(
+        err.as_database_error().map(|e| e.kind()),
+        Some(ErrorKind::CheckViolation),
+        "{err}"
+    );
+    assert_eq!(
+        store.get_run(runs[0].id).await.expect("run").status,
+        RunStatus::Ready
+    );
+}
+
+#[tokio::test]
+async fn workflow_name_and_version_are_unique_in_the_schema_too() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let (workflow, _) = setup(&store, "unique").await;
+    let err = sqlx::query(
+        "INSERT INTO workflows (name, version, definition, config_id, created_at) \
+         VALUES (?, ?, '{}', ?, 0)",
+    )
+    .bind(&workflow.name)
+    .bind(&workflow.version)
+    .bind(workflow.config_id.to_string())
+    .execute(store.pool())
+    .await
+    .expect_err("the UNIQUE constraint refuses a second name and version");
+    assert_eq!(
+        err.as_database_error().map(|e| e.kind()),
+        Some(ErrorKind::UniqueViolation),
+        "{err}"
+    );
+
+    let err = store
+        .create_workflow(new_workflow(&workflow.name, Config::new(json!({}))))
+        .await
+        .expect_err("AlreadyExists");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "workflow {} version 1.0 already exists (id {}); choose another version",
+            workflow.name, workflow.id
+        )
+    );
+}
+
+#[tokio::test]
+async fn states_written_by_others_are_counted_and_filtered() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let (workflow, analysis) = setup(&store, "states").await;
+    let runs = launch(&store, &workflow, &analysis, 6)
+        .await
+        .expect("launch");
+    let set = |id, status: &'static str| {
+        sqlx::query("UPDATE runs SET status = ?, error = ?, started_at = 1000, ended_at = 2000 WHERE id = ?")
+            .bind(status)
+            .bind((status == "error").then_some("task align failed"))
+            .bind(id)
+            .execute(store.pool())
+    };
+    set(runs[0].id, "completed").await.expect("update");
+    set(runs[1].id, "completed").await.expect("update");
+    set(runs[2].id, "error").await.expect("update");
+    set(runs[3].id, "in-progress").await.expect("update");
+
+    let counts = store.count_runs(analysis.id).await.expect("counts");
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        vec![
+            (RunStatus::Ready, 2),
+            (RunStatus::InProgress, 1),
+            (RunStatus::Completed, 2),
+            (RunStatus::Error, 1),
+        ]
+    );
+    let completed = store
+        .list_runs(&RunFilter {
+            analysis_id: Some(analysis.id),
+            status: Some(RunStatus::Completed),
+            ..RunFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        completed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![runs[0].id, runs[1].id]
+    );
+    let failed = store.get_run(runs[2].id).await.expect("run");
+    assert_eq!(failed.status, RunStatus::Error);
+    assert_eq!(failed.error.as_deref(), Some("task align failed"));
+    assert_eq!(failed.started_at.map(|t| t.timestamp_millis()), Some(1000));
+    assert_eq!(failed.ended_at.map(|t| t.timestamp_millis()), Some(2000));
+}
+
+#[tokio::test]
+async fn durability_is_set_from_the_url() {
+    let db = TempDb::new();
+    let normal = SqliteStore::connect(&db.url("durability=normal"))
+        .await
+        .expect("open");
+    assert_eq!(normal.config().durability, Durability::Normal);
+    assert_eq!(pragma(&normal, "PRAGMA synchronous").await, "1", "NORMAL");
+    assert_eq!(pragma(&normal, "PRAGMA journal_mode").await, "wal");
+    assert_eq!(pragma(&normal, "PRAGMA foreign_keys").await, "1");
+
+    let full = SqliteStore::connect(&db.url("")).await.expect("open");
+    assert_eq!(full.config().durability, Durability::Full);
+    assert_eq!(pragma(&full, "PRAGMA synchronous").await, "2", "FULL");
+    assert_eq!(pragma(&full, "PRAGMA busy_timeout").await, "10000");
+}
+
+#[tokio::test]
+async fn open_creates_parent_directories() {
+    let db = TempDb::new();
+    let path = db.dir.path().join("a/b/c/butler.db");
+    let store = open_sqlite(&path).await;
+    setup(&store, "nested").await;
+    assert!(path.exists());
+}
+
+#[tokio::test]
+async fn open_fails_as_unavailable_naming_the_path() {
+    let db = TempDb::new();
+    let file = db.dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").expect("write");
+    let path = file.join("butler.db");
+    let err = SqliteStore::open(&SqliteConfig::new(&path))
+        .await
+        .expect_err("a file cannot be a directory");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(err.to_string().contains("not-a-dir"), "{err}");
+}
+
+#[tokio::test]
+async fn a_write_blocked_past_the_busy_timeout_is_unavailable() {
+    let db = TempDb::new();
+    let holder = db.open().await;
+    let mut config = SqliteConfig::new(&db.path);
+    config.busy_timeout_ms = 100;
+    let waiter = SqliteStore::open(&config).await.expect("open");
+
+    let tx = holder
+        .pool()
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .expect("hold the write lock");
+    let started = Instant::now();
+    let err = waiter
+        .create_analysis(new_analysis("blocked", Config::new(json!({}))))
+        .await
+        .expect_err("the write lock is held");
+    assert!(started.elapsed() >= Duration::from_millis(90), "it waited");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        err.to_string().contains(&db.path.display().to_string()),
+        "names the database: {err}"
+    );
+    drop(tx);
+    assert!(
+        waiter.list_analyses().await.expect("list").is_empty(),
+        "nothing was written"
+    );
+    waiter
+        .create_analysis(new_analysis("unblocked", Config::new(json!({}))))
+        .await
+        .expect("the write succeeds once the lock is free");
+}
+
+#[tokio::test]
+async fn a_launch_of_ten_thousand_runs_is_one_quick_transaction() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let (workflow, analysis) = setup(&store, "big").await;
+    let launch = new_runs(&workflow, &analysis, "big", 10_000);
+    let started = Instant::now();
+    let runs = store.create_runs(launch).await.expect("launch");
+    let elapsed = started.elapsed();
+    println!("create_runs of 10,000 runs took {elapsed:?}");
+    assert_eq!(runs.len(), 10_000);
+    assert!(runs.windows(2).all(|w| w[1].id == w[0].id + 1));
+    // Far above the target of well under 1 s in a release build, to allow for an unoptimized
+    // test build on a busy machine; it still catches a store that commits run by run.
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+
+    let started = Instant::now();
+    let page = store
+        .list_runs(&RunFilter {
+            analysis_id: Some(analysis.id),
+            status: Some(RunStatus::Ready),
+            after_id: Some(runs[4_000].id),
+            limit: Some(1000),
+            ..RunFilter::default()
+        })
+        .await
+        .expect("list");
+    println!("list_runs of 1,000 runs took {:?}", started.elapsed());
+    assert_eq!(page.len(), 1000);
+    assert_eq!(page[0], runs[4_001]);
+
+    let again = new_runs(&workflow, &analysis, "big", 10_000);
+    let started = Instant::now();
+    let err = store.create_runs(again).await.expect_err("all duplicates");
+    println!("refusing 10,000 duplicates took {:?}", started.elapsed());
+    assert!(err.to_string().contains("… and 9980 more"), "{err}");
+}
+
+#[tokio::test]
+async fn run_lists_use_an_index_in_id_order() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let filtered = [
+        (
+            "analysis_id = 1 AND status = 'ready' AND id > 5",
+            "runs_by_analysis_status",
+        ),
+        ("analysis_id = 1", "runs_by_analysis"),
+        (
+            "workflow_id = 1 AND status = 'error'",
+            "runs_by_workflow_status",
+        ),
+        ("workflow_id = 1", "runs_by_workflow"),
+        ("status = 'ready' AND id > 5", "runs_by_status"),
+    ];
+    for (condition, index) in filtered {
+        let sql = format!(
+            "EXPLAIN QUERY PLAN SELECT * FROM runs WHERE {condition} ORDER BY id LIMIT 1000"
+        );
+        let plan = query_plan(&store, &sql).await;
+        assert!(plan.contains(index), "{condition}: {plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "{condition} sorts: {plan}");
+    }
+    let plan = query_plan(
+        &store,
+        "EXPLAIN QUERY PLAN SELECT status, count(*) FROM runs WHERE analysis_id = 1 GROUP BY status",
+    )
+    .await;
+    assert!(
+        plan.contains("COVERING INDEX runs_by_analysis_status"),
+        "{plan}"
+    );
+    let plan = query_plan(
+        &store,
+        "EXPLAIN QUERY PLAN SELECT run_config_sha256, min(id) FROM runs WHERE workflow_id = 1 \
+         AND analysis_id = 1 AND run_config_sha256 IN ('a', 'b') GROUP BY run_config_sha256",
+    )
+    .await;
+    assert!(plan.contains("runs_by_run_config"), "{plan}");
+}
+
+/// Lists 1,000-run pages of one analysis and state among 1,000,000 runs. Slow to set up, so run
+/// it on demand: `cargo test -p butler-providers --test it -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "inserts a million runs"]
+async fn listing_a_page_among_a_million_runs_takes_milliseconds() {
+    let db = TempDb::new();
+    let store = SqliteStore::connect(&db.url("durability=normal"))
+        .await
+        .expect("open");
+    let (workflow, analysis) = setup(&store, "million").await;
+    let other = store
+        .create_analysis(new_analysis("million-other", Config::new(json!({}))))
+        .await
+        .expect("other analysis");
+    let started = Instant::now();
+    let mut first = None;
+    for batch in 0..100 {
+        let target = if batch % 2 == 0 { &analysis } else { &other };
+        let runs = store
+            .create_runs(new_runs(&workflow, target, &format!("m{batch}"), 10_000))
+            .await
+            .expect("launch");
+        first.get_or_insert(runs[0].id);
+    }
+    println!("inserting 1,000,000 runs took {:?}", started.elapsed());
+    sqlx::query("UPDATE runs SET status = 'completed' WHERE id % 3 = 0")
+        .execute(store.pool())
+        .await
+        .expect("mark some completed");
+
+    let mut after_id = None;
+    let mut pages = 0;
+    let started = Instant::now();
+    while pages < 50 {
+        let page = store
+            .list_runs(&RunFilter {
+                analysis_id: Some(analysis.id),
+                status: Some(RunStatus::Completed),
+                after_id,
+                limit: Some(1000),
+                ..RunFilter::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(page.len(), 1000);
+        after_id = page.last().map(|r| r.id);
+        pages += 1;
+    }
+    let per_page = started.elapsed() / pages;
+    println!("list_runs: {per_page:?} per page of 1,000 runs");
+    let started = Instant::now();
+    let counts = store.count_runs(analysis.id).await.expect("count");
+    println!("count_runs over 500,000 runs took {:?}", started.elapsed());
+    assert_eq!(counts.values().sum::<u64>(), 500_000);
+    assert!(
+        per_page < Duration::from_millis(100),
+        "{per_page:?} per page"
+    );
+}
+
+// ---- helpers ----
+
+fn definition() -> butler_core::definition::Definition {
+    serde_json::from_value(json!({"tasks": [{"id": "align", "run": "align {{ config.sample }}"}]}))
+        .expect("definition")
+}
+
+fn new_workflow(name: &str, config: Config) -> NewWorkflow {
+    NewWorkflow {
+        name: name.to_owned(),
+        version: "1.0".to_owned(),
+        definition: definition(),
+        config,
+    }
+}
+
+fn new_analysis(name: &str, config: Config) -> NewAnalysis {
+    NewAnalysis {
+        name: name.to_owned(),
+        start_date: NaiveDate::from_ymd_opt(2024, 1, 15).expect("date"),
+        config,
+    }
+}
+
+async fn setup(store: &dyn RunStore, name: &str) -> (Workflow, Analysis) {
+    let workflow = store
+        .create_workflow(new_workflow(name, Config::new(json!({"threads": 2}))))
+        .await
+        .expect("workflow");
+    let analysis = store
+        .create_analysis(new_analysis(name, Config::new(json!({"cohort": name}))))
+        .await
+        .expect("analysis");
+    (workflow, analysis)
+}
+
+fn new_runs(workflow: &Workflow, analysis: &Analysis, prefix: &str, n: usize) -> NewRuns {
+    let runs = (0..n)
+        .map(|i| {
+            let data = json!({"sample": format!("{prefix}-{i}")});
+            NewRun {
+                merged_config: json!({"threads": 2, "cohort": "x", "sample": format!("{prefix}-{i}")}),
+                run_config: Config::new(data),
+                source_file: Some(format!("{prefix}-{i}.json")),
+            }
+        })
+        .collect();
+    NewRuns {
+        workflow_id: workflow.id,
+        analysis_id: analysis.id,
+        workflow_config_id: workflow.config_id,
+        analysis_config_id: analysis.config_id,
+        runs,
+        allow_duplicates: false,
+    }
+}
+
+async fn launch(
+    store: &dyn RunStore,
+    workflow: &Workflow,
+    analysis: &Analysis,
+    n: usize,
+) -> butler_core::Result<Vec<AnalysisRun>> {
+    launch_named(store, workflow, analysis, "s", n).await
+}
+
+async fn launch_named(
+    store: &dyn RunStore,
+    workflow: &Workflow,
+    analysis: &Analysis,
+    prefix: &str,
+    n: usize,
+) -> butler_core::Result<Vec<AnalysisRun>> {
+    let existing = store
+        .list_runs(&RunFilter {
+            analysis_id: Some(analysis.id),
+            ..RunFilter::default()
+        })
+        .await?
+        .len();
+    let prefix = format!("{prefix}-{existing}");
+    store
+        .create_runs(new_runs(workflow, analysis, &prefix, n))
+        .await
+}
+
+async fn pragma(store: &SqliteStore, sql: &'static str) -> String {
+    use sqlx::Row;
+    let row = sqlx::query(sql)
+        .fetch_one(store.pool())
+        .await
+        .expect("pragma");
+    row.try_get::<i64, _>(0)
+        .map(|n| n.to_string())
+        .or_else(|_| row.try_get::<String, _>(0))
+        .expect("a pragma value")
+}
+
+async fn query_plan(store: &SqliteStore, sql: &str) -> String {
+    let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_all(store.pool())
+        .await
+        .expect("query plan");
+    rows.into_iter()
+        .map(|(_, _, _, detail)| detail)
+        .collect::<Vec<_>>()
+        .join("; ")
+}

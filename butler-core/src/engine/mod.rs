@@ -1,0 +1,304 @@
+//! The engine: a scheduler and workers that execute runs as DAGs of tasks, durably.
+//!
+//! Every state lives in the [`RunStore`](crate::RunStore) before it is acted on; the
+//! [`Queue`](crate::queue::Queue) only carries hints of what to start. State changes from the
+//! scheduler and from every worker slot of a process go through one group-commit
+//! [`Batcher`], so one transaction serves many tasks.
+
+mod batch;
+pub mod plan;
+pub mod retry;
+mod scheduler;
+mod worker;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use batch::Batcher;
+
+use crate::change::ChangeSet;
+use crate::error::{Error, Result};
+use crate::executor::DynExecutor;
+use crate::model::{Id, RunStatus};
+use crate::queue::DynQueue;
+use crate::store::DynRunStore;
+
+/// The queue that carries task attempts unless configured otherwise.
+pub const DEFAULT_TASK_QUEUE: &str = "butler.tasks";
+
+/// How an engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// `BUTLER_HOME`: attempt directories and logs go under `runs/` in it.
+    pub home: PathBuf,
+    /// This process's name in the event log and in leases, `HOST/PID` by default.
+    pub name: String,
+    /// Attempts that run at once in this process; 0 runs no worker.
+    pub slots: usize,
+    /// Whether this process schedules (one scheduler per store).
+    pub schedule: bool,
+    /// The queue of task attempts.
+    pub queue: String,
+    /// A running attempt whose worker does not renew its lease for this long is put back.
+    pub lease: Duration,
+    /// How often to look for work started by other processes (new runs, their workers' results).
+    pub poll: Duration,
+    /// The most runs the scheduler keeps in flight.
+    pub max_active_runs: usize,
+}
+
+impl EngineOptions {
+    /// Options for a process with `slots` worker slots that also schedules.
+    pub fn new(home: PathBuf, slots: usize) -> Self {
+        EngineOptions {
+            home,
+            name: process_name(),
+            slots,
+            schedule: true,
+            queue: DEFAULT_TASK_QUEUE.to_owned(),
+            lease: Duration::from_secs(30),
+            poll: Duration::from_millis(200),
+            max_active_runs: 100_000,
+        }
+    }
+
+    fn heartbeat(&self) -> Duration {
+        self.lease / 3
+    }
+}
+
+/// Counters a frontend shows while it waits.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Attempts whose outcome this process recorded.
+    pub tasks_finished: AtomicU64,
+}
+
+/// A run the scheduler of this process saw finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunFinished {
+    /// The run.
+    pub run_id: Id,
+    /// How it ended.
+    pub status: RunStatus,
+}
+
+/// A running engine: its scheduler and worker slots run on the current tokio runtime until
+/// [`Engine::stop`].
+#[derive(Debug)]
+pub struct Engine {
+    store: Arc<DynRunStore>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<Result<()>>>,
+    finished: broadcast::Sender<RunFinished>,
+    stats: Arc<Stats>,
+}
+
+impl Engine {
+    /// Starts a scheduler (if `options.schedule`) and `options.slots` worker slots.
+    pub fn start(
+        store: Arc<DynRunStore>,
+        queue: Arc<DynQueue>,
+        executor: Arc<DynExecutor>,
+        options: EngineOptions,
+    ) -> Self {
+        let wake = Arc::new(Notify::new());
+        let commit_store = store.clone();
+        let commit_wake = wake.clone();
+        let commits: Batcher<ChangeSet, bool> = Batcher::spawn(4096, move |sets| {
+            let store = commit_store.clone();
+            let wake = commit_wake.clone();
+            async move {
+                let applied = store.apply(sets).await;
+                wake.notify_one();
+                applied
+            }
+        });
+        let ack_queue = queue.clone();
+        let acks = Batcher::spawn(4096, move |tags: Vec<_>| {
+            let queue = ack_queue.clone();
+            async move { queue.ack(&tags).await }
+        });
+        let (finished, _) = broadcast::channel(65_536);
+        let stats = Arc::new(Stats::default());
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        if options.schedule {
+            let scheduler = scheduler::Scheduler::new(
+                store.clone(),
+                queue.clone(),
+                commits.clone(),
+                wake,
+                finished.clone(),
+                options.clone(),
+            );
+            tasks.push(tokio::spawn(scheduler.run(shutdown.clone())));
+        }
+        if options.slots > 0 {
+            let worker = Arc::new(worker::Worker::new(
+                store.clone(),
+                queue,
+                executor,
+                commits,
+                acks,
+                options,
+                stats.clone(),
+            ));
+            tasks.push(tokio::spawn(worker.run(shutdown.clone())));
+        }
+        Engine {
+            store,
+            shutdown,
+            tasks,
+            finished,
+            stats,
+        }
+    }
+
+    /// Counters of this engine.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Waits until every run in `runs` has finished (by this engine or any other), calling
+    /// `progress` with the runs finished so far whenever one finishes. Returns each run's end.
+    ///
+    /// Fails if the engine itself fails.
+    pub async fn wait_for(
+        &mut self,
+        runs: &[Id],
+        mut progress: impl FnMut(&[RunFinished]),
+    ) -> Result<Vec<RunFinished>> {
+        let mut events = self.finished.subscribe();
+        let mut waiting: HashSet<Id> = runs.iter().copied().collect();
+        let mut done = Vec::with_capacity(runs.len());
+        self.collect_finished(&mut waiting, &mut done).await?;
+        progress(&done);
+        let mut check = tokio::time::interval(Duration::from_secs(2));
+        while !waiting.is_empty() {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => {
+                        if waiting.remove(&event.run_id) {
+                            done.push(event);
+                            progress(&done);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.collect_finished(&mut waiting, &mut done).await?;
+                        progress(&done);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {}
+                },
+                // Runs finished by another process's scheduler are seen in the store.
+                _ = check.tick() => {
+                    self.collect_finished(&mut waiting, &mut done).await?;
+                    progress(&done);
+                }
+                failed = wait_any(&mut self.tasks) => return Err(failed),
+            }
+        }
+        Ok(done)
+    }
+
+    async fn collect_finished(
+        &self,
+        waiting: &mut HashSet<Id>,
+        done: &mut Vec<RunFinished>,
+    ) -> Result<()> {
+        let ids: Vec<Id> = waiting.iter().copied().collect();
+        for id in ids {
+            let run = self.store.get_run(id).await?;
+            if run.status.is_finished() {
+                waiting.remove(&id);
+                done.push(RunFinished {
+                    run_id: id,
+                    status: run.status,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until the process is asked to stop or a part of the engine fails.
+    pub async fn run_until(&mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            _ = stop => Ok(()),
+            failed = wait_any(&mut self.tasks) => Err(failed),
+        }
+    }
+
+    /// Stops the scheduler and the workers. Attempts still running are left to their leases.
+    pub async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            match task.await {
+                Ok(result) => result?,
+                Err(err) => return Err(Error::backend("an engine task panicked", err)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves when one of `tasks` ends: engine tasks end only on shutdown or failure.
+async fn wait_any(tasks: &mut [JoinHandle<Result<()>>]) -> Error {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    let (result, _, _) = futures_select_all(tasks).await;
+    match result {
+        Ok(Ok(())) => Error::Conflict("the engine stopped".to_owned()),
+        Ok(Err(err)) => err,
+        Err(err) => Error::backend("an engine task panicked", err),
+    }
+}
+
+async fn futures_select_all(
+    tasks: &mut [JoinHandle<Result<()>>],
+) -> (std::result::Result<Result<()>, tokio::task::JoinError>, usize, ()) {
+    std::future::poll_fn(|cx| {
+        for (i, task) in tasks.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(result) = std::pin::Pin::new(task).poll(cx) {
+                return std::task::Poll::Ready((result, i, ()));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// `HOST/PID` of this process.
+pub fn process_name() -> String {
+    format!("{}/{}", host_name(), std::process::id())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Whether `worker` (`HOST/PID`) is a process of this host that no longer exists.
+pub(crate) fn worker_is_gone(worker: Option<&str>) -> bool {
+    let Some((host, pid)) = worker.and_then(|w| w.rsplit_once('/')) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    cfg!(target_os = "linux")
+        && host == host_name()
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}

@@ -1,0 +1,405 @@
+//! The scheduler: takes ready runs, queues the tasks whose needs succeeded, finishes runs.
+//!
+//! It keeps only the list of active runs in memory; every decision is made from the tasks as
+//! stored ([`plan_run`]), so a scheduler that restarts after a crash carries on exactly where the
+//! last one stopped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::batch::Batcher;
+use super::plan::{TaskMessage, plan_run, run_deadline};
+use super::{EngineOptions, RunFinished, retry, worker_is_gone};
+use crate::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
+use crate::error::Result;
+use crate::model::{AnalysisRun, EventFilter, Id, RunFilter, RunStatus, TaskState, Workflow};
+use crate::queue::{DynQueue, NewMessage};
+use crate::store::DynRunStore;
+
+const EVENT_PAGE: u32 = 10_000;
+const CLAIM_PAGE: usize = 1_000;
+
+pub(crate) struct Scheduler {
+    pub store: Arc<DynRunStore>,
+    pub queue: Arc<DynQueue>,
+    pub commits: Batcher<ChangeSet, bool>,
+    pub wake: Arc<Notify>,
+    pub finished: broadcast::Sender<RunFinished>,
+    pub options: EngineOptions,
+    pub name: String,
+    workflows: HashMap<Id, Arc<Workflow>>,
+    active: HashMap<Id, AnalysisRun>,
+    per_workflow: HashMap<Id, usize>,
+    unsent: Vec<TaskMessage>,
+    cursor: Id,
+}
+
+impl Scheduler {
+    pub fn new(
+        store: Arc<DynRunStore>,
+        queue: Arc<DynQueue>,
+        commits: Batcher<ChangeSet, bool>,
+        wake: Arc<Notify>,
+        finished: broadcast::Sender<RunFinished>,
+        options: EngineOptions,
+    ) -> Self {
+        let name = format!("scheduler {}", options.name);
+        Scheduler {
+            store,
+            queue,
+            commits,
+            wake,
+            finished,
+            options,
+            name,
+            workflows: HashMap::new(),
+            active: HashMap::new(),
+            per_workflow: HashMap::new(),
+            unsent: Vec::new(),
+            cursor: 0,
+        }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        self.cursor = self.store.last_event_id().await?;
+        let mut dirty = self.resume().await?;
+        let mut next_poll = Utc::now();
+        let mut next_reap = Utc::now();
+        loop {
+            let now = Utc::now();
+            let mut poll_now = self.read_events(&mut dirty).await?;
+            poll_now |= now >= next_poll;
+            if poll_now {
+                self.claim_ready(&mut dirty).await?;
+                next_poll = now + self.options.poll;
+            }
+            if now >= next_reap {
+                self.reap(&mut dirty).await?;
+                next_reap = now + self.options.lease / 2;
+            }
+            let mut next_deadline = next_poll.min(next_reap);
+            for run in self.active.values() {
+                let Some(deadline) = self
+                    .workflows
+                    .get(&run.workflow_id)
+                    .and_then(|w| run_deadline(&w.definition, run))
+                else {
+                    continue;
+                };
+                if deadline <= now {
+                    dirty.insert(run.id);
+                } else {
+                    next_deadline = next_deadline.min(deadline);
+                }
+            }
+            if !dirty.is_empty() {
+                dirty = self.advance(dirty).await?;
+            }
+            self.send_unsent().await;
+            if !dirty.is_empty() {
+                continue;
+            }
+            let pause = (next_deadline - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(1));
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// Loads the runs a previous scheduler left active and re-sends their queued tasks, whose
+    /// messages may have been lost with it (duplicates are harmless: a worker starts an attempt
+    /// only if the task is still queued at that try).
+    async fn resume(&mut self) -> Result<HashSet<Id>> {
+        let mut dirty = HashSet::new();
+        for status in [RunStatus::Scheduled, RunStatus::InProgress] {
+            let filter = RunFilter {
+                status: Some(status),
+                ..RunFilter::default()
+            };
+            for run in self.store.list_runs(&filter).await? {
+                self.track(run.clone()).await?;
+                dirty.insert(run.id);
+            }
+        }
+        let ids: Vec<Id> = dirty.iter().copied().collect();
+        for chunk in ids.chunks(CLAIM_PAGE) {
+            for task in self.store.list_tasks(chunk).await? {
+                if task.state == TaskState::Queued {
+                    self.unsent.push(TaskMessage {
+                        run: task.run_id,
+                        task: task.task_id,
+                        try_number: task.try_number,
+                        delay: Duration::ZERO,
+                    });
+                }
+            }
+        }
+        Ok(dirty)
+    }
+
+    /// Marks runs that others changed as dirty; returns whether new runs may be ready.
+    async fn read_events(&mut self, dirty: &mut HashSet<Id>) -> Result<bool> {
+        let mut maybe_ready = false;
+        loop {
+            let events = self
+                .store
+                .list_events(&EventFilter {
+                    run_id: None,
+                    after: self.cursor,
+                    limit: EVENT_PAGE,
+                })
+                .await?;
+            let full = events.len() == EVENT_PAGE as usize;
+            for event in events {
+                self.cursor = event.id;
+                if event.by == self.name {
+                    continue;
+                }
+                if event.task_id.is_none() {
+                    // A user cancelled or reset the run.
+                    if let Some(run) = self.active.get_mut(&event.run_id)
+                        && let Ok(status) = event.to.parse::<RunStatus>()
+                    {
+                        run.status = status;
+                    }
+                    maybe_ready |= event.to == RunStatus::Ready.as_str();
+                }
+                if self.active.contains_key(&event.run_id) {
+                    dirty.insert(event.run_id);
+                }
+            }
+            if !full {
+                return Ok(maybe_ready);
+            }
+        }
+    }
+
+    async fn workflow(&mut self, id: Id) -> Result<Arc<Workflow>> {
+        if let Some(workflow) = self.workflows.get(&id) {
+            return Ok(workflow.clone());
+        }
+        let workflow = Arc::new(self.store.get_workflow(id).await?);
+        self.workflows.insert(id, workflow.clone());
+        Ok(workflow)
+    }
+
+    async fn track(&mut self, run: AnalysisRun) -> Result<()> {
+        self.workflow(run.workflow_id).await?;
+        *self.per_workflow.entry(run.workflow_id).or_default() += 1;
+        self.active.insert(run.id, run);
+        Ok(())
+    }
+
+    fn untrack(&mut self, id: Id) -> Option<AnalysisRun> {
+        let run = self.active.remove(&id)?;
+        if let Some(count) = self.per_workflow.get_mut(&run.workflow_id) {
+            *count = count.saturating_sub(1);
+        }
+        Some(run)
+    }
+
+    /// Moves ready runs to `scheduled`, within `max_active_runs` of each workflow and the
+    /// scheduler's own limit.
+    async fn claim_ready(&mut self, dirty: &mut HashSet<Id>) -> Result<()> {
+        let mut after_id = None;
+        loop {
+            let room = self.options.max_active_runs.saturating_sub(self.active.len());
+            if room == 0 {
+                return Ok(());
+            }
+            let page = self
+                .store
+                .list_runs(&RunFilter {
+                    status: Some(RunStatus::Ready),
+                    after_id,
+                    limit: Some(CLAIM_PAGE as u32),
+                    ..RunFilter::default()
+                })
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after_id = Some(last.id);
+            let full = page.len() == CLAIM_PAGE;
+            let mut claimed = Vec::new();
+            let mut planned: HashMap<Id, usize> = HashMap::new();
+            for run in page {
+                if claimed.len() >= room {
+                    break;
+                }
+                let workflow = self.workflow(run.workflow_id).await?;
+                let taken = self.per_workflow.get(&run.workflow_id).copied().unwrap_or(0)
+                    + planned.get(&run.workflow_id).copied().unwrap_or(0);
+                if workflow
+                    .definition
+                    .max_active_runs
+                    .is_some_and(|max| taken >= max as usize)
+                {
+                    continue;
+                }
+                *planned.entry(run.workflow_id).or_default() += 1;
+                claimed.push(run);
+            }
+            let sets: Vec<ChangeSet> = claimed
+                .iter()
+                .map(|run| {
+                    vec![Change::Run(RunChange {
+                        run_id: run.id,
+                        expect: RunStatus::Ready,
+                        status: RunStatus::Scheduled,
+                        error: None,
+                        started_at: None,
+                        ended_at: None,
+                        by: self.name.clone(),
+                        reason: "taken by the scheduler".to_owned(),
+                    })]
+                })
+                .collect();
+            let applied = self.commits.submit(sets).await?;
+            for (mut run, ok) in claimed.into_iter().zip(applied) {
+                if ok {
+                    run.status = RunStatus::Scheduled;
+                    dirty.insert(run.id);
+                    self.track(run).await?;
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Puts back the tasks whose worker stopped renewing its lease, or died on this host.
+    async fn reap(&mut self, dirty: &mut HashSet<Id>) -> Result<()> {
+        let now = Utc::now();
+        let expired = self.store.expired_leases(now, CLAIM_PAGE as u32).await?;
+        let sets: Vec<ChangeSet> = expired
+            .iter()
+            .map(|task| self.lost(task, now, "its lease expired"))
+            .collect();
+        if !sets.is_empty() {
+            warn!(count = sets.len(), "putting back tasks whose worker lost its lease");
+            self.commits.submit(sets).await?;
+        }
+        for task in expired {
+            dirty.insert(task.run_id);
+        }
+        Ok(())
+    }
+
+    fn lost(&self, task: &crate::model::TaskInstance, now: DateTime<Utc>, why: &str) -> ChangeSet {
+        let new = retry::after_lost_lease(task, now);
+        let reason = format!("{why}: {}", new.error.as_deref().unwrap_or("worker lost"));
+        vec![Change::Task(TaskChange {
+            expect: TaskExpect::of(task),
+            new,
+            by: self.name.clone(),
+            reason,
+        })]
+    }
+
+    /// Plans and commits the dirty runs; returns the runs whose plan met a conflict.
+    async fn advance(&mut self, dirty: HashSet<Id>) -> Result<HashSet<Id>> {
+        let now = Utc::now();
+        let ids: Vec<Id> = dirty
+            .into_iter()
+            .filter(|id| self.active.contains_key(id))
+            .collect();
+        let mut tasks: HashMap<Id, Vec<crate::model::TaskInstance>> = HashMap::new();
+        for chunk in ids.chunks(CLAIM_PAGE) {
+            for task in self.store.list_tasks(chunk).await? {
+                tasks.entry(task.run_id).or_default().push(task);
+            }
+        }
+        let mut plans = Vec::new();
+        let mut sets = Vec::new();
+        for id in ids {
+            let run = &self.active[&id];
+            let run_tasks = tasks.remove(&id).unwrap_or_default();
+            if !matches!(run.status, RunStatus::Scheduled | RunStatus::InProgress) {
+                // Cancelled or reset by a user: no longer the scheduler's.
+                let status = run.status;
+                self.untrack(id);
+                if status.is_finished() {
+                    let _ = self.finished.send(RunFinished { run_id: id, status });
+                }
+                continue;
+            }
+            // A worker on this host that died holds its lease until it expires; take it back now.
+            let orphans: Vec<ChangeSet> = run_tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Running && worker_is_gone(t.worker.as_deref()))
+                .map(|t| self.lost(t, now, "its worker process is gone"))
+                .collect();
+            if !orphans.is_empty() {
+                plans.push((id, None));
+                sets.extend(orphans);
+                continue;
+            }
+            let workflow = &self.workflows[&run.workflow_id];
+            let plan = plan_run(&workflow.definition, run, &run_tasks, now, &self.name);
+            if !plan.changes.is_empty() {
+                sets.push(plan.changes.clone());
+                plans.push((id, Some(plan)));
+            }
+        }
+        let applied = self.commits.submit(sets).await?;
+        let mut again = HashSet::new();
+        for ((id, plan), ok) in plans.into_iter().zip(applied) {
+            let Some(plan) = plan else {
+                again.insert(id);
+                continue;
+            };
+            if !ok {
+                debug!(run = id, "plan met a concurrent change; planning again");
+                again.insert(id);
+                continue;
+            }
+            for change in &plan.changes {
+                if let (Change::Run(change), Some(run)) = (change, self.active.get_mut(&id)) {
+                    run.status = change.status;
+                    if change.started_at.is_some() {
+                        run.started_at = change.started_at;
+                    }
+                }
+            }
+            self.unsent.extend(plan.enqueue);
+            if let Some(status) = plan.finishes {
+                self.untrack(id);
+                let _ = self.finished.send(RunFinished { run_id: id, status });
+            }
+        }
+        Ok(again)
+    }
+
+    /// Enqueues the messages of committed plans; on failure keeps them for the next pass (the
+    /// tasks are queued in the store either way).
+    async fn send_unsent(&mut self) {
+        if self.unsent.is_empty() {
+            return;
+        }
+        let messages: Vec<NewMessage> = self
+            .unsent
+            .iter()
+            .map(|m| {
+                let payload = serde_json::to_vec(m).unwrap_or_default();
+                NewMessage::new(payload).with_delay(m.delay)
+            })
+            .collect();
+        match self.queue.enqueue(&self.options.queue, messages).await {
+            Ok(_) => self.unsent.clear(),
+            Err(err) => warn!(error = %err, "could not enqueue tasks; will try again"),
+        }
+    }
+}
