@@ -9,9 +9,9 @@ pub mod memory;
 pub mod model;
 pub mod queue;
 mod store;
-pub mod tracker;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tracker;
 
 pub use error::{BoxError, Error, Kind, Result};
 pub use store::{DynRunStore, RunStore};

@@ -128,7 +128,8 @@ impl Tracker {
                 .clone()
                 .unwrap_or_else(|| format!("run config #{}", index + 1));
             config::require_object(&run.config, &source)?;
-            let merged = config::merge(&[&workflow_config.data, &analysis_config.data, &run.config]);
+            let merged =
+                config::merge(&[&workflow_config.data, &analysis_config.data, &run.config]);
             // The real id is not known yet; any id renders the same way for validation.
             renderer
                 .render(&config::effective_for_run(merged.clone(), 0))

@@ -1,0 +1,124 @@
+//! The scenarios and what they share.
+
+mod launch;
+mod list;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use butler_core::tracker::Tracker;
+use butler_providers::sqlite::{Durability, SqliteConfig, SqliteStore};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use crate::report::Figure;
+
+/// Butler's benchmarks: each scenario reports its figures beside the physical limit measured in
+/// the same run.
+#[derive(Debug, Parser)]
+#[command(name = "butler-bench", version)]
+pub struct Args {
+    /// The scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Print one JSON object per figure instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// What a commit survives: `full` (power loss) or `normal` (process crash).
+    #[arg(long, value_enum, default_value = "full")]
+    pub durability: DurabilityArg,
+    /// Size of the scenario: run configs for `launch`, runs in the store for `list`.
+    #[arg(long)]
+    pub size: Option<usize>,
+}
+
+/// Benchmark scenarios.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Scenario {
+    /// Launch 10,000 run-config files into SQLite.
+    Launch,
+    /// List runs filtered by analysis and status among 1,000,000 runs.
+    List,
+}
+
+/// `--durability`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DurabilityArg {
+    /// `PRAGMA synchronous=FULL`.
+    Full,
+    /// `PRAGMA synchronous=NORMAL`.
+    Normal,
+}
+
+pub async fn run(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    match args.scenario {
+        Scenario::Launch => launch::run(args).await,
+        Scenario::List => list::run(args).await,
+    }
+}
+
+/// A fresh SQLite store in `dir` with the chosen durability.
+pub async fn open_store(dir: &Path, durability: DurabilityArg) -> anyhow::Result<SqliteStore> {
+    let mut config = SqliteConfig::new(dir.join("butler.db"));
+    config.durability = match durability {
+        DurabilityArg::Full => Durability::Full,
+        DurabilityArg::Normal => Durability::Normal,
+    };
+    Ok(SqliteStore::open(&config).await?)
+}
+
+/// A tracker over `store` with a three-task workflow and one analysis; returns their ids.
+pub async fn fixture(store: &SqliteStore) -> anyhow::Result<(Tracker, i64, i64)> {
+    let tracker = Tracker::new(Arc::new(store.clone()));
+    let definition = butler_core::definition::Definition::parse(
+        r#"
+[[tasks]]
+id = "align"
+run = "echo align {{ config.sample }} with {{ config.tools.aligner.threads }} threads"
+[[tasks]]
+id = "call"
+needs = ["align"]
+run = "echo call {{ config.sample }}"
+[[tasks]]
+id = "report"
+needs = ["call"]
+run = "echo report {{ config.sample }}"
+"#,
+        butler_core::definition::Format::Toml,
+        "bench.toml",
+    )?;
+    let config =
+        json!({"tools": {"aligner": {"threads": 4, "min_seed": 19}}, "reference": "hg38.fa"});
+    let workflow = tracker
+        .create_workflow("bench", "1", config, definition)
+        .await?;
+    let analysis = tracker
+        .create_analysis(
+            "bench",
+            chrono::Utc::now().date_naive(),
+            json!({"tools": {"aligner": {"threads": 8}}}),
+        )
+        .await?;
+    Ok((tracker, workflow.id, analysis.id))
+}
+
+/// A per-sample run config, as pipelines write them.
+pub fn sample_config(i: usize) -> serde_json::Value {
+    json!({
+        "sample": format!("S{i:07}"),
+        "fastq": [format!("/data/S{i:07}_R1.fastq.gz"), format!("/data/S{i:07}_R2.fastq.gz")],
+        "tools": {"aligner": {"min_seed": 17 + (i % 5)}},
+    })
+}
+
+/// Median of `samples`.
+pub fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
+}
+
+/// Seconds since `start`.
+pub fn secs(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64()
+}
