@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use butler_core::model::Id;
 use clap::{Args, Parser, Subcommand};
 
-/// Butler: register workflows, create analyses and launch one analysis run per sample config.
+/// Butler: register workflows, create analyses, launch one analysis run per sample config and
+/// run them.
 ///
 /// The tracker lives in $BUTLER_HOME (default ~/.butler); --db or BUTLER_DB points at another
 /// store.
@@ -15,6 +16,10 @@ pub struct Opt {
     /// Store URL, e.g. sqlite:///path/to/butler.db [default: $BUTLER_HOME/butler.db].
     #[arg(long, env = "BUTLER_DB", global = true, value_name = "URL")]
     pub db: Option<String>,
+
+    /// Queue URL for task attempts, e.g. memory:// [default: the store's own queue].
+    #[arg(long, env = "BUTLER_QUEUE", global = true, value_name = "URL")]
+    pub queue: Option<String>,
 
     /// What to do.
     #[command(subcommand)]
@@ -44,6 +49,24 @@ pub enum Command {
     PrintEffectiveConfig(PrintEffectiveConfig),
     /// Print a stored config by its id.
     PrintConfig(PrintConfig),
+    /// Run every unfinished run in this process until all have finished; resumes an
+    /// interrupted `launch-workflow --wait`.
+    Wait(Wait),
+    /// Run the scheduler and local workers until stopped with Ctrl-C or SIGTERM.
+    Server(Slots),
+    /// Run local workers only (no scheduler) until stopped with Ctrl-C or SIGTERM; adds
+    /// capacity next to a `butler server`.
+    Worker(Slots),
+    /// Show a run's status and a table of its tasks.
+    RunStatus(RunView),
+    /// Print the output of a run's task attempts.
+    Logs(Logs),
+    /// Show a run's event log: every state change, who made it and why.
+    Events(RunView),
+    /// Put a finished run back to ready so its tasks that did not succeed run again.
+    ResetRun(ResetRun),
+    /// Cancel an unfinished run: its tasks stop and will not start.
+    CancelRun(CancelRun),
 }
 
 /// `--json` for commands that print a table.
@@ -101,6 +124,14 @@ pub struct LaunchWorkflow {
     /// analysis.
     #[arg(long)]
     pub allow_duplicates: bool,
+    /// Then run the launched runs in this process (a scheduler and local workers) and wait
+    /// until every one has finished; exit 1 unless all completed. Resume an interrupted wait
+    /// with `butler wait`.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: task attempts run at once [default: the number of CPUs].
+    #[arg(long, value_name = "N", requires = "wait")]
+    pub slots: Option<usize>,
 }
 
 /// Arguments of `list-runs`.
@@ -173,4 +204,74 @@ pub struct PrintConfig {
     /// The config's id (a UUID, as printed by list-workflows and list-analyses).
     #[arg(short = 'c', long = "config", value_name = "CONFIG_ID")]
     pub config: String,
+}
+
+/// `--slots` of the commands that run workers.
+#[derive(Debug, Args)]
+pub struct Slots {
+    /// Task attempts run at once in this process [default: the number of CPUs].
+    #[arg(long, value_name = "N")]
+    pub slots: Option<usize>,
+}
+
+/// Arguments of `wait`.
+#[derive(Debug, Args)]
+pub struct Wait {
+    /// Only runs of this analysis.
+    #[arg(short = 'a', long = "analysis", value_name = "ID")]
+    pub analysis: Option<Id>,
+    /// Only runs of this workflow.
+    #[arg(short = 'w', long = "workflow", value_name = "ID")]
+    pub workflow: Option<Id>,
+    /// How many attempts run at once.
+    #[command(flatten)]
+    pub slots: Slots,
+}
+
+/// Arguments of `run-status` and `events`.
+#[derive(Debug, Args)]
+pub struct RunView {
+    /// The run.
+    #[arg(short = 'r', long = "run", value_name = "RUN_ID")]
+    pub run: Id,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `logs`.
+#[derive(Debug, Args)]
+pub struct Logs {
+    /// The run.
+    #[arg(short = 'r', long = "run", value_name = "RUN_ID")]
+    pub run: Id,
+    /// Only this task [default: every task that started, each under a `==> task (try N) <==`
+    /// header].
+    #[arg(short = 't', long = "task", value_name = "TASK")]
+    pub task: Option<String>,
+    /// This attempt of the task [default: its latest].
+    #[arg(long = "try", value_name = "N", requires = "task")]
+    pub try_number: Option<u32>,
+    /// Keep printing new output until the task (or, without -t, the run) has finished.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+}
+
+/// Arguments of `reset-run`.
+#[derive(Debug, Args)]
+pub struct ResetRun {
+    /// The run; it must have finished.
+    #[arg(short = 'r', long = "run", value_name = "RUN_ID")]
+    pub run: Id,
+    /// Run every task again, not only those that did not succeed.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Arguments of `cancel-run`.
+#[derive(Debug, Args)]
+pub struct CancelRun {
+    /// The run; it must not have finished.
+    #[arg(short = 'r', long = "run", value_name = "RUN_ID")]
+    pub run: Id,
 }

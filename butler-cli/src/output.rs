@@ -62,7 +62,8 @@ impl Table {
         writeln!(out, "{}", table.trim_fmt())
     }
 
-    fn to_json(&self) -> Value {
+    /// The table as a JSON array of objects, one per row, keyed by the columns' keys.
+    pub fn to_json(&self) -> Value {
         Value::Array(
             self.rows
                 .iter()
@@ -87,9 +88,27 @@ pub fn timestamp(at: DateTime<Utc>) -> Value {
     Value::String(at.format("%Y-%m-%d %H:%M:%S").to_string())
 }
 
+/// A timestamp to the millisecond, for events that follow each other closely:
+/// `YYYY-MM-DD HH:MM:SS.mmm`, UTC.
+pub fn precise_timestamp(at: DateTime<Utc>) -> Value {
+    Value::String(at.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+}
+
 /// An optional timestamp: [`timestamp`] or `null` (an empty cell).
 pub fn opt_timestamp(at: Option<DateTime<Utc>>) -> Value {
     at.map_or(Value::Null, timestamp)
+}
+
+/// A duration as people read it: `0.4s`, `12.0s`, `3m05s`, `2h07m`.
+pub fn duration(length: std::time::Duration) -> String {
+    let seconds = length.as_secs();
+    if seconds < 60 {
+        format!("{:.1}s", length.as_secs_f64())
+    } else if seconds < 3600 {
+        format!("{}m{:02}s", seconds / 60, seconds % 60)
+    } else {
+        format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60)
+    }
 }
 
 /// The message printed for a failed command: the error and every cause not already part of its
@@ -164,6 +183,18 @@ mod tests {
         table.push(vec![json!(7), json!("abc")]);
         let value: Value = serde_json::from_str(&render(&table, true)).unwrap();
         assert_eq!(value, json!([{"id": 7, "config_id": "abc"}]));
+    }
+
+    #[test]
+    fn durations_read_naturally_at_every_scale() {
+        use std::time::Duration;
+        assert_eq!(duration(Duration::from_millis(420)), "0.4s");
+        assert_eq!(duration(Duration::from_secs(59)), "59.0s");
+        assert_eq!(duration(Duration::from_secs(185)), "3m05s");
+        assert_eq!(
+            duration(Duration::from_secs(2 * 3600 + 7 * 60 + 9)),
+            "2h07m"
+        );
     }
 
     #[test]

@@ -1,24 +1,27 @@
-//! Validated settings: where Butler's home is and which store to use.
+//! Validated settings: where Butler's home is, which store and queue to use, and how many
+//! worker slots to run.
 
 use std::env;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use butler_core::tracker::Tracker;
+use butler_providers::connect::{self, Backends};
 
 /// Where the tracker lives, resolved from flags and the environment.
 #[derive(Debug, Clone)]
 pub struct Settings {
     home: PathBuf,
     store_url: String,
+    queue_url: Option<String>,
     default_store: bool,
 }
 
 impl Settings {
-    /// Settings from `--db` (or `BUTLER_DB`, already read by clap) and `BUTLER_HOME`, which
-    /// defaults to `~/.butler`.
-    pub fn new(db: Option<String>) -> Result<Settings> {
+    /// Settings from `--db` and `--queue` (or `BUTLER_DB` and `BUTLER_QUEUE`, already read by
+    /// clap) and `BUTLER_HOME`, which defaults to `~/.butler`.
+    pub fn new(db: Option<String>, queue: Option<String>) -> Result<Settings> {
         let home = match non_empty_env("BUTLER_HOME") {
             Some(home) => PathBuf::from(home),
             None => match non_empty_env("HOME") {
@@ -31,13 +34,19 @@ impl Settings {
         };
         let (store_url, default_store) = match db.filter(|url| !url.trim().is_empty()) {
             Some(url) => (url, false),
-            None => (butler_providers::connect::default_store_url(&home), true),
+            None => (connect::default_store_url(&home), true),
         };
         Ok(Settings {
             home,
             store_url,
+            queue_url: queue.filter(|url| !url.trim().is_empty()),
             default_store,
         })
+    }
+
+    /// `BUTLER_HOME`: attempt directories and their logs live under `runs/` in it.
+    pub fn home(&self) -> &Path {
+        &self.home
     }
 
     /// Where workflow definitions are looked up when `--definition` is not given.
@@ -45,8 +54,9 @@ impl Settings {
         self.home.join("workflows")
     }
 
-    /// Opens the store, creating Butler's home first when the default store lives there.
-    pub async fn tracker(&self) -> Result<Tracker> {
+    /// Opens the store and the task queue, creating Butler's home first when the default store
+    /// lives there.
+    pub async fn connect(&self) -> Result<Backends> {
         if self.default_store {
             std::fs::create_dir_all(&self.home).with_context(|| {
                 format!(
@@ -56,8 +66,12 @@ impl Settings {
                 )
             })?;
         }
-        let store = butler_providers::connect::connect_store(&self.store_url).await?;
-        Ok(Tracker::new(store))
+        Ok(connect::connect(&self.store_url, self.queue_url.as_deref()).await?)
+    }
+
+    /// Worker slots from `--slots`, or one per CPU.
+    pub fn slots(&self, slots: Option<usize>) -> usize {
+        slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
     }
 }
 

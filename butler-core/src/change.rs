@@ -52,7 +52,7 @@ pub struct RunChange {
     pub error: Option<String>,
     /// Sets the run's start time when `Some`.
     pub started_at: Option<DateTime<Utc>>,
-    /// Sets the run's end time when `Some`; a run put back to `ready` has it cleared.
+    /// The run's end time: set for a run that finishes, `None` for one that does not.
     pub ended_at: Option<DateTime<Utc>>,
     /// Who makes the change.
     pub by: String,

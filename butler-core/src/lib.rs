@@ -3,6 +3,7 @@
 pub mod change;
 pub mod config;
 pub mod definition;
+pub mod engine;
 mod error;
 pub mod executor;
 pub mod memory;

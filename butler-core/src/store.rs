@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::change::ChangeSet;
 use crate::config::Config;
 use crate::error::Result;
 use crate::model::{
-    Analysis, AnalysisRun, ConfigOwner, Id, NewAnalysis, NewRuns, NewWorkflow, RunFilter,
-    RunStatus, Workflow,
+    Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
+    RunFilter, RunStatus, TaskInstance, Workflow,
 };
 
 /// A run store shared across tasks and threads.
@@ -60,7 +62,8 @@ pub trait RunStore: Send + Sync + Debug + 'static {
     /// The stored config with this id.
     async fn get_config(&self, id: Uuid) -> Result<Config>;
 
-    /// Creates the runs of one launch in state `ready`, in order, all or none.
+    /// Creates the runs of one launch in state `ready`, in order, all or none, each with one
+    /// `pending` task per id of `task_ids` (in that order).
     ///
     /// Each run's effective config is its `merged_config` with the new run's id injected by
     /// [`crate::config::effective_for_run`]. Unless `allow_duplicates` is set, a run whose run
@@ -78,4 +81,27 @@ pub trait RunStore: Send + Sync + Debug + 'static {
 
     /// How many runs of the analysis are in each state; states with no run are absent.
     async fn count_runs(&self, analysis_id: Id) -> Result<BTreeMap<RunStatus, u64>>;
+
+    /// Applies change sets in one transaction (group commit): each set is applied entirely if
+    /// every compare-and-set in it holds, or not at all; the answer says which sets applied.
+    ///
+    /// A [`Change::Task`](crate::change::Change::Task) replaces the task's row if its state, attempt number and token are
+    /// still those of `expect`; a [`Change::Run`](crate::change::Change::Run) moves the run if its status is still `expect`
+    /// (a `None` `started_at` keeps the stored one; moving to `ready` clears `started_at`,
+    /// `ended_at` and `error`); a [`Change::Lease`](crate::change::Change::Lease) sets `lease_until` if the task is `running`
+    /// with that token. Task and run changes append one [`Event`] each (from → to, by, reason);
+    /// lease changes append none. Only sets that applied leave events.
+    async fn apply(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>>;
+
+    /// The tasks of these runs, each run's tasks in definition order, runs in id order.
+    async fn list_tasks(&self, run_ids: &[Id]) -> Result<Vec<TaskInstance>>;
+
+    /// Running tasks whose lease ended before `now`, oldest lease first.
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<TaskInstance>>;
+
+    /// The events matching `filter`, in id order.
+    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>>;
+
+    /// The id of the newest event, 0 when there is none.
+    async fn last_event_id(&self) -> Result<Id>;
 }

@@ -6,13 +6,18 @@ use std::sync::Arc;
 use chrono::NaiveDate;
 use serde_json::Value;
 
+use crate::change::ChangeSet;
 use crate::config::{self, Config, Provenance};
 use crate::definition::Definition;
+use crate::engine::control::{self, ResetScope};
 use crate::error::{Error, Result};
 use crate::model::{
-    Analysis, AnalysisRun, ConfigOwner, Id, NewAnalysis, NewRun, NewRuns, NewWorkflow, RunStatus,
-    Workflow,
+    Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRun, NewRuns,
+    NewWorkflow, RunStatus, TaskInstance, Workflow,
 };
+
+/// Who users' changes are by, in the event log.
+const USER: &str = "cli";
 use crate::store::DynRunStore;
 
 /// One run config to launch, with where it came from.
@@ -147,6 +152,12 @@ impl Tracker {
                 workflow_config_id: workflow_config.id,
                 analysis_config_id: analysis_config.id,
                 runs: new_runs,
+                task_ids: workflow
+                    .definition
+                    .tasks
+                    .iter()
+                    .map(|t| t.id.clone())
+                    .collect(),
                 allow_duplicates,
             })
             .await
@@ -171,6 +182,67 @@ impl Tracker {
             &own.data,
             &effective.data,
         ))
+    }
+
+    /// Run `run_id` with its tasks in definition order.
+    pub async fn run_with_tasks(&self, run_id: Id) -> Result<(AnalysisRun, Vec<TaskInstance>)> {
+        let run = self.store.get_run(run_id).await?;
+        let tasks = self.store.list_tasks(&[run_id]).await?;
+        Ok((run, tasks))
+    }
+
+    /// Every event of run `run_id`, oldest first.
+    pub async fn events(&self, run_id: Id) -> Result<Vec<Event>> {
+        self.store.get_run(run_id).await?;
+        let mut events = Vec::new();
+        loop {
+            let page = self
+                .store
+                .list_events(&EventFilter {
+                    run_id: Some(run_id),
+                    after: events.last().map_or(0, |e: &Event| e.id),
+                    limit: 10_000,
+                })
+                .await?;
+            let done = page.len() < 10_000;
+            events.extend(page);
+            if done {
+                return Ok(events);
+            }
+        }
+    }
+
+    /// Puts finished run `run_id` back to `ready` so the scheduler runs it again: the tasks
+    /// that did not succeed, or with [`ResetScope::All`] every task.
+    pub async fn reset_run(&self, run_id: Id, scope: ResetScope) -> Result<()> {
+        self.change_run(run_id, |run, tasks| control::reset(run, tasks, scope, USER))
+            .await
+    }
+
+    /// Cancels unfinished run `run_id`: its waiting tasks will not start and its running
+    /// attempts are killed at their next heartbeat.
+    pub async fn cancel_run(&self, run_id: Id) -> Result<()> {
+        self.change_run(run_id, |run, tasks| control::cancel(run, tasks, USER))
+            .await
+    }
+
+    /// Applies the changes `build` makes from the run as stored, again if the engine moved the
+    /// run in between.
+    async fn change_run(
+        &self,
+        run_id: Id,
+        build: impl Fn(&AnalysisRun, &[TaskInstance]) -> Result<ChangeSet>,
+    ) -> Result<()> {
+        for _ in 0..20 {
+            let (run, tasks) = self.run_with_tasks(run_id).await?;
+            let changes = build(&run, &tasks)?;
+            if self.store.apply(vec![changes]).await?.first() == Some(&true) {
+                return Ok(());
+            }
+        }
+        Err(Error::Conflict(format!(
+            "run {run_id} kept changing while it was being updated; try again"
+        )))
     }
 
     /// How many runs of analysis `analysis_id` are in each state; every state is present.

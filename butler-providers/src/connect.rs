@@ -3,7 +3,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use butler_core::memory::MemoryRunStore;
+use butler_core::memory::{MemoryQueue, MemoryRunStore};
+use butler_core::queue::DynQueue;
 use butler_core::{DynRunStore, Error, Result};
 
 /// The store URL forms this build accepts, for error messages.
@@ -21,6 +22,34 @@ const STORE_FORMS: &str = "sqlite:///absolute/path.db, sqlite://relative/path.db
 /// Any other scheme, or one whose backend this build was compiled without, fails with
 /// [`Error::NotSupported`] naming the scheme and what to do.
 pub async fn connect_store(url: &str) -> Result<Arc<DynRunStore>> {
+    Ok(connect(url, None).await?.store)
+}
+
+/// A run store and the queue that carries its task attempts.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    /// The run store.
+    pub store: Arc<DynRunStore>,
+    /// The task queue.
+    pub queue: Arc<DynQueue>,
+}
+
+/// Opens the run store named by `store_url` (forms as in [`connect_store`]) and the queue named
+/// by `queue_url`; without one, the queue lives in the store itself (a SQLite store's queue is
+/// in the same database file; a memory store's in memory). `memory://` is an in-process queue.
+pub async fn connect(store_url: &str, queue_url: Option<&str>) -> Result<Backends> {
+    let (store, own_queue) = open_store(store_url).await?;
+    let queue = match queue_url.map(str::trim) {
+        None | Some("") => own_queue,
+        Some(url) => match scheme(url).map(|s| s.to_ascii_lowercase()).as_deref() {
+            Some("memory") => Arc::new(MemoryQueue::new()) as Arc<DynQueue>,
+            _ => open_store(url).await?.1,
+        },
+    };
+    Ok(Backends { store, queue })
+}
+
+async fn open_store(url: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
     let url = url.trim();
     if url.is_empty() {
         return Err(Error::InvalidInput(format!(
@@ -32,11 +61,14 @@ pub async fn connect_store(url: &str) -> Result<Arc<DynRunStore>> {
     };
     match scheme.to_ascii_lowercase().as_str() {
         #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Arc::new(crate::sqlite::SqliteStore::connect(url).await?)),
+        "sqlite" => sqlite_backends(crate::sqlite::SqliteStore::connect(url).await?),
         #[cfg(not(feature = "sqlite"))]
         "sqlite" => Err(not_compiled(url, "sqlite")),
         "memory" => match url[scheme.len()..].trim_start_matches(':') {
-            "" | "//" => Ok(Arc::new(MemoryRunStore::new())),
+            "" | "//" => Ok((
+                Arc::new(MemoryRunStore::new()),
+                Arc::new(MemoryQueue::new()),
+            )),
             _ => Err(Error::InvalidInput(format!(
                 "the store URL {url:?} has a path, but an in-memory store takes none; write \
                  memory://"
@@ -47,6 +79,12 @@ pub async fn connect_store(url: &str) -> Result<Arc<DynRunStore>> {
             "unknown store URL scheme `{scheme}` in {url:?}; give one of: {STORE_FORMS}"
         ))),
     }
+}
+
+#[cfg(feature = "sqlite")]
+fn sqlite_backends(store: crate::sqlite::SqliteStore) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
+    let queue = crate::sqlite::SqliteQueue::new(store.pool().clone());
+    Ok((Arc::new(store), Arc::new(queue)))
 }
 
 /// The URL of the default store in `home` (`BUTLER_HOME`): `sqlite://{home}/butler.db`.
@@ -66,13 +104,13 @@ fn scheme(url: &str) -> Option<&str> {
 }
 
 #[cfg(feature = "sqlite")]
-async fn open_sqlite_file(path: &str) -> Result<Arc<DynRunStore>> {
+async fn open_sqlite_file(path: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
     let config = crate::sqlite::SqliteConfig::new(path);
-    Ok(Arc::new(crate::sqlite::SqliteStore::open(&config).await?))
+    sqlite_backends(crate::sqlite::SqliteStore::open(&config).await?)
 }
 
 #[cfg(not(feature = "sqlite"))]
-async fn open_sqlite_file(path: &str) -> Result<Arc<DynRunStore>> {
+async fn open_sqlite_file(path: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
     Err(not_compiled(path, "sqlite"))
 }
 

@@ -1,5 +1,6 @@
 //! The scenarios and what they share.
 
+mod engine;
 mod launch;
 mod list;
 
@@ -40,6 +41,14 @@ pub enum Scenario {
     Launch,
     /// List runs filtered by analysis and status among 1,000,000 runs.
     List,
+    /// 10,000 no-op tasks through the SQLite queue and store with 2 slots.
+    Noop,
+    /// 1,000 runs of a 3-task chain of `sh -c true` with 2 slots, beside the raw spawn time.
+    Shell,
+    /// Ready-to-started latency of a task at a light load (20 tasks/s).
+    Latency,
+    /// Process memory with 100,000 runs in flight.
+    Memory,
 }
 
 /// `--durability`.
@@ -55,6 +64,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Figure>> {
     match args.scenario {
         Scenario::Launch => launch::run(args).await,
         Scenario::List => list::run(args).await,
+        Scenario::Noop => engine::noop(args).await,
+        Scenario::Shell => engine::shell(args).await,
+        Scenario::Latency => engine::latency(args).await,
+        Scenario::Memory => engine::memory(args).await,
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use butler_core::config;
+use butler_core::model::Id;
 use butler_core::tracker::{RunSource, Tracker};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -14,8 +15,12 @@ use crate::opt::LaunchWorkflow;
 /// Launches below this many run configs are quick enough to need no progress bar.
 const PROGRESS_THRESHOLD: usize = 200;
 
-/// Reads every run config, launches them all or none, and prints the new run ids.
-pub async fn launch(tracker: &Tracker, args: LaunchWorkflow, out: &mut impl Write) -> Result<()> {
+/// Reads every run config, launches them all or none, prints the new run ids and returns them.
+pub async fn launch(
+    tracker: &Tracker,
+    args: &LaunchWorkflow,
+    out: &mut impl Write,
+) -> Result<Vec<Id>> {
     let files = config::run_config_files(&args.config)?;
     let progress = progress_bar(files.len());
     let runs = read_all(&files, &progress);
@@ -38,10 +43,11 @@ pub async fn launch(tracker: &Tracker, args: LaunchWorkflow, out: &mut impl Writ
         args.workflow,
         args.analysis
     );
-    for run in launched {
-        writeln!(out, "{}", run.id)?;
+    let ids: Vec<Id> = launched.iter().map(|run| run.id).collect();
+    for id in &ids {
+        writeln!(out, "{id}")?;
     }
-    Ok(())
+    Ok(ids)
 }
 
 fn read_all(files: &[PathBuf], progress: &ProgressBar) -> butler_core::Result<Vec<RunSource>> {

@@ -2,13 +2,16 @@
 
 mod analysis;
 mod config;
+mod engine;
 mod launch;
 mod runs;
+mod status;
 mod workflow;
 
 use std::io::{self, Write};
 
 use anyhow::{Context, Result};
+use butler_core::tracker::Tracker;
 use tracing_subscriber::EnvFilter;
 
 use crate::opt::{Command, Opt};
@@ -22,16 +25,32 @@ pub fn run(opt: Opt) -> Result<()> {
         .with_env_filter(filter)
         .with_writer(io::stderr)
         .try_init();
-    let settings = Settings::new(opt.db)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let settings = Settings::new(opt.db, opt.queue)?;
+    // The engine runs its scheduler, its worker slots and their processes side by side; the
+    // other commands make a few store calls in a row.
+    let mut runtime = if runs_engine(&opt.command) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = runtime
         .enable_all()
         .build()
         .context("cannot start Butler's async runtime")?;
     runtime.block_on(dispatch(&settings, opt.command))
 }
 
+fn runs_engine(command: &Command) -> bool {
+    match command {
+        Command::LaunchWorkflow(args) => args.wait,
+        Command::Wait(_) | Command::Server(_) | Command::Worker(_) => true,
+        _ => false,
+    }
+}
+
 async fn dispatch(settings: &Settings, command: Command) -> Result<()> {
-    let tracker = settings.tracker().await?;
+    let backends = settings.connect().await?;
+    let tracker = Tracker::new(backends.store.clone());
     let mut out = io::stdout().lock();
     match command {
         Command::CreateWorkflow(args) => {
@@ -40,12 +59,22 @@ async fn dispatch(settings: &Settings, command: Command) -> Result<()> {
         Command::ListWorkflows(args) => workflow::list(&tracker, args.json, &mut out).await?,
         Command::CreateAnalysis(args) => analysis::create(&tracker, args, &mut out).await?,
         Command::ListAnalyses(args) => analysis::list(&tracker, args.json, &mut out).await?,
-        Command::LaunchWorkflow(args) => launch::launch(&tracker, args, &mut out).await?,
+        Command::LaunchWorkflow(args) => {
+            engine::launch_workflow(settings, &backends, &tracker, args, &mut out).await?
+        }
         Command::ListRuns(args) => runs::list(&tracker, args, &mut out).await?,
         Command::GetRunCount(args) => runs::count(&tracker, args, &mut out).await?,
         Command::UpdateConfig(args) => config::update(&tracker, args, &mut out).await?,
         Command::PrintEffectiveConfig(args) => config::effective(&tracker, args, &mut out).await?,
         Command::PrintConfig(args) => config::print(&tracker, args, &mut out).await?,
+        Command::Wait(args) => engine::wait(settings, &backends, args).await?,
+        Command::Server(args) => engine::server(settings, &backends, args).await?,
+        Command::Worker(args) => engine::worker(settings, &backends, args).await?,
+        Command::RunStatus(args) => status::run_status(&tracker, args, &mut out).await?,
+        Command::Logs(args) => status::logs(&tracker, settings.home(), args, &mut out).await?,
+        Command::Events(args) => status::events(&tracker, args, &mut out).await?,
+        Command::ResetRun(args) => status::reset(&tracker, args, &mut out).await?,
+        Command::CancelRun(args) => status::cancel(&tracker, args, &mut out).await?,
     }
     out.flush()?;
     Ok(())

@@ -53,6 +53,14 @@ fn help_lists_butlers_commands() {
         "get-run-count",
         "print-effective-config",
         "print-config",
+        "wait",
+        "server",
+        "worker",
+        "run-status",
+        "logs",
+        "events",
+        "reset-run",
+        "cancel-run",
     ] {
         assert!(
             help.contains(command),

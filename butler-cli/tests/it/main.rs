@@ -4,6 +4,8 @@
 mod analysis;
 mod cli;
 mod config;
+mod crash;
+mod engine;
 mod examples;
 mod launch;
 mod runs;

@@ -2,7 +2,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tempfile::TempDir;
@@ -65,8 +66,8 @@ impl Sandbox {
         self.dir.path().join("home")
     }
 
-    /// Runs `butler ARGS` with `extra_env` added to the sandbox's environment.
-    pub fn run_with_env(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Outcome {
+    /// `butler ARGS` in the sandbox, with `extra_env` added to its environment.
+    fn command(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_butler"));
         command
             .args(args)
@@ -74,11 +75,20 @@ impl Sandbox {
             .env("BUTLER_HOME", self.home())
             .env("HOME", self.path())
             .env_remove("BUTLER_DB")
+            .env_remove("BUTLER_QUEUE")
             .env_remove("BUTLER_LOG");
         for (name, value) in extra_env {
             command.env(name, value);
         }
-        let output = command.output().expect("run the butler binary");
+        command
+    }
+
+    /// Runs `butler ARGS` with `extra_env` added to the sandbox's environment.
+    pub fn run_with_env(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Outcome {
+        let output = self
+            .command(args, extra_env)
+            .output()
+            .expect("run the butler binary");
         Outcome {
             stdout: String::from_utf8(output.stdout).expect("stdout is UTF-8"),
             stderr: String::from_utf8(output.stderr).expect("stderr is UTF-8"),
@@ -205,6 +215,228 @@ impl Sandbox {
     pub fn effective_config(&self, id: i64) -> Value {
         self.ok(&["print-effective-config", "-r", &id.to_string()])
             .json()
+    }
+}
+
+impl Sandbox {
+    /// Starts `butler ARGS` in the background; its stdout and stderr go to files in the sandbox
+    /// named after `name`. The process is killed when the returned value is dropped.
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Background {
+        let logs = self.path().join("background");
+        fs::create_dir_all(&logs).expect("create the background log directory");
+        let stdout = logs.join(format!("{name}.out"));
+        let stderr = logs.join(format!("{name}.err"));
+        let child = self
+            .command(args, &[])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).expect("create a stdout file"))
+            .stderr(fs::File::create(&stderr).expect("create a stderr file"))
+            .spawn()
+            .expect("start the butler binary");
+        Background {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Registers a workflow named `name` from an inline definition and config and returns its
+    /// id.
+    pub fn workflow(&self, name: &str, definition: &str, config: &Value) -> i64 {
+        let definition = self.write(&format!("defs/{name}.toml"), definition);
+        let config = self.write(&format!("defs/{name}.json"), &config.to_string());
+        self.ok(&[
+            "create-workflow",
+            "-n",
+            name,
+            "-v",
+            "1",
+            "-c",
+            &config,
+            "--definition",
+            &definition,
+        ])
+        .created_id()
+    }
+
+    /// Creates an analysis with `config` and returns its id.
+    pub fn analysis(&self, config: &Value) -> i64 {
+        let config = self.write("defs/analysis.json", &config.to_string());
+        self.ok(&["create-analysis", "-n", "a", "-c", &config])
+            .created_id()
+    }
+
+    /// The parsed `run-status -r ID --json` output.
+    pub fn run_status(&self, id: i64) -> Value {
+        self.ok(&["run-status", "-r", &id.to_string(), "--json"])
+            .json()
+    }
+
+    /// The parsed `events -r ID --json` output.
+    pub fn events(&self, id: i64) -> Vec<Value> {
+        match self.ok(&["events", "-r", &id.to_string(), "--json"]).json() {
+            Value::Array(events) => events,
+            other => panic!("events --json printed {other}"),
+        }
+    }
+
+    /// The status of every run, oldest first, from `list-runs --json`.
+    pub fn run_statuses(&self) -> Vec<String> {
+        self.runs()
+            .iter()
+            .map(|run| run["status"].as_str().expect("a status").to_owned())
+            .collect()
+    }
+}
+
+impl Sandbox {
+    /// Runs `butler ARGS` like [`Sandbox::run`], but fails the test instead of hanging when it
+    /// does not end within twice [`PATIENCE`]: for commands that run the engine.
+    pub fn run_engine(&self, args: &[&str]) -> Outcome {
+        let mut background = self.spawn("engine", args);
+        let status = background.wait_exit(PATIENCE * 2);
+        Outcome {
+            stdout: background.stdout(),
+            stderr: background.stderr(),
+            code: status
+                .code()
+                .unwrap_or_else(|| panic!("butler {args:?} was killed: {status}")),
+        }
+    }
+
+    /// [`Sandbox::run_engine`], checking that the command succeeded.
+    pub fn ok_engine(&self, args: &[&str]) -> Outcome {
+        let outcome = self.run_engine(args);
+        assert_eq!(
+            outcome.code, 0,
+            "butler {args:?} failed:\nstdout: {}\nstderr: {}",
+            outcome.stdout, outcome.stderr
+        );
+        outcome
+    }
+}
+
+/// A string unique to this test process, for a task's command line, so the test can find the
+/// task's processes in `/proc`: `base` followed by the process id (`sleep 29.0012345`).
+pub fn marker(base: &str) -> String {
+    format!("{base}{:07}", std::process::id())
+}
+
+/// A `butler` process started in the background; killed (SIGKILL) when dropped.
+pub struct Background {
+    pub child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Background {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// What the process wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Sends `signal` (a `kill -s` name such as `TERM`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} {} failed", self.pid());
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the process") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "butler (pid {}) did not exit within {timeout:?}; stderr:\n{}",
+                self.pid(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How long a test waits for something the engine does: generous, as the machine may be busy.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Polls `condition` every 100 ms until it holds, failing the test after [`PATIENCE`] with
+/// `what` and the last state `condition` reported.
+pub fn wait_until<T>(what: &str, mut condition: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match condition() {
+            Ok(value) => return value,
+            Err(state) if Instant::now() >= deadline => {
+                panic!("gave up after {PATIENCE:?} waiting for {what}; last seen: {state}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Ids of this machine's processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (pid != me && cmdline.contains(marker)).then_some(pid)
+        })
+        .collect()
+}
+
+/// Kills (SIGKILL) every process whose command line contains `marker`: the task processes a
+/// test started, which a killed `butler` leaves behind.
+pub fn kill_processes_with(marker: &str) {
+    for pid in processes_with(marker) {
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Kills the processes with a marker in their command line when dropped, so a failing test
+/// leaves nothing running.
+pub struct KillOnDrop(pub String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill_processes_with(&self.0);
     }
 }
 

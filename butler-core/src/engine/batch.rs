@@ -94,7 +94,10 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         self.tx.send((items, reply)).map_err(|_| stopped())?;
         match answer.await.map_err(|_| stopped())? {
             Ok(results) => Ok(results),
-            Err(err) => Err(Error::backend("a batched operation failed", err.to_string())),
+            Err(err) => Err(Error::backend(
+                "a batched operation failed",
+                err.to_string(),
+            )),
         }
     }
 }

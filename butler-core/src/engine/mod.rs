@@ -6,9 +6,12 @@
 //! [`Batcher`], so one transaction serves many tasks.
 
 mod batch;
+pub mod control;
 pub mod plan;
 pub mod retry;
 mod scheduler;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::collections::HashSet;
@@ -52,6 +55,9 @@ pub struct EngineOptions {
     pub poll: Duration,
     /// The most runs the scheduler keeps in flight.
     pub max_active_runs: usize,
+    /// Schedule only these runs (a `launch-workflow --wait` runs its own runs and leaves the
+    /// rest to others); `None` schedules every run.
+    pub only_runs: Option<Arc<HashSet<Id>>>,
 }
 
 impl EngineOptions {
@@ -66,11 +72,13 @@ impl EngineOptions {
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(200),
             max_active_runs: 100_000,
+            only_runs: None,
         }
     }
 
+    /// How often a running attempt renews its lease, which is also how soon a cancel reaches it.
     fn heartbeat(&self) -> Duration {
-        self.lease / 3
+        (self.lease / 3).min(Duration::from_secs(1))
     }
 }
 
@@ -248,12 +256,14 @@ impl Engine {
     }
 }
 
-/// Resolves when one of `tasks` ends: engine tasks end only on shutdown or failure.
-async fn wait_any(tasks: &mut [JoinHandle<Result<()>>]) -> Error {
+/// Resolves when one of `tasks` ends (engine tasks end only on shutdown or failure), and
+/// removes it so that [`Engine::stop`] does not wait for it again.
+async fn wait_any(tasks: &mut Vec<JoinHandle<Result<()>>>) -> Error {
     if tasks.is_empty() {
         return std::future::pending().await;
     }
-    let (result, _, _) = futures_select_all(tasks).await;
+    let (result, index, _) = futures_select_all(tasks).await;
+    tasks.swap_remove(index);
     match result {
         Ok(Ok(())) => Error::Conflict("the engine stopped".to_owned()),
         Ok(Err(err)) => err,
@@ -263,7 +273,11 @@ async fn wait_any(tasks: &mut [JoinHandle<Result<()>>]) -> Error {
 
 async fn futures_select_all(
     tasks: &mut [JoinHandle<Result<()>>],
-) -> (std::result::Result<Result<()>, tokio::task::JoinError>, usize, ()) {
+) -> (
+    std::result::Result<Result<()>, tokio::task::JoinError>,
+    usize,
+    (),
+) {
     std::future::poll_fn(|cx| {
         for (i, task) in tasks.iter_mut().enumerate() {
             if let std::task::Poll::Ready(result) = std::pin::Pin::new(task).poll(cx) {

@@ -74,7 +74,15 @@ pub fn plan_run(
             };
             push_task(&mut plan, task, new, by, &reason);
         }
-        finish(&mut plan, run, RunStatus::Error, Some(reason), run.started_at, now, by);
+        finish(
+            &mut plan,
+            run,
+            RunStatus::Error,
+            Some(reason),
+            run.started_at,
+            now,
+            by,
+        );
         return plan;
     }
 
@@ -106,7 +114,11 @@ pub fn plan_run(
                         matches!(t.state, TaskState::Succeeded | TaskState::Skipped)
                     })
                 }) {
-                    Some((queued(&task, now), "its needs succeeded".to_owned(), Some(Duration::ZERO)))
+                    Some((
+                        queued(&task, now),
+                        "its needs succeeded".to_owned(),
+                        Some(Duration::ZERO),
+                    ))
                 } else {
                     None
                 }
@@ -144,11 +156,27 @@ pub fn plan_run(
                 .filter(|t| t.state.is_failure() && t.state != TaskState::UpstreamFailed)
         });
         match failed {
-            None => finish(&mut plan, run, RunStatus::Completed, None, first_start, now, by),
+            None => finish(
+                &mut plan,
+                run,
+                RunStatus::Completed,
+                None,
+                first_start,
+                now,
+                by,
+            ),
             Some(task) => {
                 let why = task.error.as_deref().unwrap_or(task.state.as_str());
                 let reason = format!("task `{}` {}: {why}", task.task_id, task.state);
-                finish(&mut plan, run, RunStatus::Error, Some(reason), first_start, now, by);
+                finish(
+                    &mut plan,
+                    run,
+                    RunStatus::Error,
+                    Some(reason),
+                    first_start,
+                    now,
+                    by,
+                );
             }
         }
     } else if run.status == RunStatus::Scheduled
@@ -173,12 +201,7 @@ fn timed_out(def: &Definition, run: &AnalysisRun, now: DateTime<Utc>) -> Option<
     let limit = def.timeout?;
     let started = run.started_at?;
     let deadline = started + chrono::Duration::from_std(limit).ok()?;
-    (now >= deadline).then(|| {
-        format!(
-            "run timed out after {}",
-            humantime::format_duration(limit)
-        )
-    })
+    (now >= deadline).then(|| format!("run timed out after {}", humantime::format_duration(limit)))
 }
 
 /// When run `run` times out, if it has a timeout and has started.
@@ -217,7 +240,9 @@ fn finish(
     now: DateTime<Utc>,
     by: &str,
 ) {
-    let reason = error.clone().unwrap_or_else(|| "every task succeeded".to_owned());
+    let reason = error
+        .clone()
+        .unwrap_or_else(|| "every task succeeded".to_owned());
     plan.changes.push(Change::Run(RunChange {
         run_id: run.id,
         expect: run.status,

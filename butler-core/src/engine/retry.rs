@@ -105,7 +105,10 @@ fn may_retry(def: &TaskDef, task: &TaskInstance, now: DateTime<Utc>, delay: Dura
 /// tasks failing together do not retry together.
 pub fn backoff(def: &TaskDef, failures: u32) -> Duration {
     let base = def.retry_delay.unwrap_or(DEFAULT_RETRY_DELAY);
-    let cap = def.max_retry_delay.unwrap_or(DEFAULT_MAX_RETRY_DELAY).max(base);
+    let cap = def
+        .max_retry_delay
+        .unwrap_or(DEFAULT_MAX_RETRY_DELAY)
+        .max(base);
     let doublings = failures.saturating_sub(1).min(30);
     let delay = base.saturating_mul(1 << doublings).min(cap);
     delay.mul_f64(rand::rng().random_range(0.5..=1.0))
@@ -140,9 +143,17 @@ mod tests {
 
     #[test]
     fn success_ends_the_task_and_clears_the_lease() {
-        let next = after_attempt(&def(""), &running(1, 0), &Outcome::Exited { code: 0 }, Utc::now());
+        let next = after_attempt(
+            &def(""),
+            &running(1, 0),
+            &Outcome::Exited { code: 0 },
+            Utc::now(),
+        );
         assert_eq!(next.state, TaskState::Succeeded);
-        assert_eq!((next.token, next.lease_until, next.exit_code), (None, None, Some(0)));
+        assert_eq!(
+            (next.token, next.lease_until, next.exit_code),
+            (None, None, Some(0))
+        );
     }
 
     #[test]
@@ -178,7 +189,12 @@ mod tests {
 
     #[test]
     fn cancel_is_never_retried() {
-        let next = after_attempt(&def("retries = 3"), &running(1, 0), &Outcome::Cancelled, Utc::now());
+        let next = after_attempt(
+            &def("retries = 3"),
+            &running(1, 0),
+            &Outcome::Cancelled,
+            Utc::now(),
+        );
         assert_eq!(next.state, TaskState::Cancelled);
     }
 

@@ -24,6 +24,8 @@ use crate::store::DynRunStore;
 
 const EVENT_PAGE: u32 = 10_000;
 const CLAIM_PAGE: usize = 1_000;
+/// How often to look for active runs that no live scheduler drives.
+const ADOPT_EVERY: chrono::Duration = chrono::Duration::seconds(5);
 
 pub(crate) struct Scheduler {
     pub store: Arc<DynRunStore>,
@@ -68,9 +70,10 @@ impl Scheduler {
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         self.cursor = self.store.last_event_id().await?;
-        let mut dirty = self.resume().await?;
+        let mut dirty = self.adopt().await?;
         let mut next_poll = Utc::now();
         let mut next_reap = Utc::now();
+        let mut next_adopt = Utc::now() + ADOPT_EVERY;
         loop {
             let now = Utc::now();
             let mut poll_now = self.read_events(&mut dirty).await?;
@@ -83,7 +86,11 @@ impl Scheduler {
                 self.reap(&mut dirty).await?;
                 next_reap = now + self.options.lease / 2;
             }
-            let mut next_deadline = next_poll.min(next_reap);
+            if now >= next_adopt {
+                dirty.extend(self.adopt().await?);
+                next_adopt = now + ADOPT_EVERY;
+            }
+            let mut next_deadline = next_poll.min(next_reap).min(next_adopt);
             for run in self.active.values() {
                 let Some(deadline) = self
                     .workflows
@@ -117,10 +124,12 @@ impl Scheduler {
         }
     }
 
-    /// Loads the runs a previous scheduler left active and re-sends their queued tasks, whose
-    /// messages may have been lost with it (duplicates are harmless: a worker starts an attempt
-    /// only if the task is still queued at that try).
-    async fn resume(&mut self) -> Result<HashSet<Id>> {
+    /// Takes over the active runs no scheduler of this process tracks: at start, those a
+    /// previous scheduler left behind; later, those of a scheduler that died (several
+    /// schedulers on one store are safe: every change is a compare-and-set). Re-sends their
+    /// queued tasks, whose messages may have been lost (duplicates are harmless: a worker starts
+    /// an attempt only if the task is still queued at that try).
+    async fn adopt(&mut self) -> Result<HashSet<Id>> {
         let mut dirty = HashSet::new();
         for status in [RunStatus::Scheduled, RunStatus::InProgress] {
             let filter = RunFilter {
@@ -128,8 +137,11 @@ impl Scheduler {
                 ..RunFilter::default()
             };
             for run in self.store.list_runs(&filter).await? {
-                self.track(run.clone()).await?;
+                if self.active.contains_key(&run.id) || !self.wanted(run.id) {
+                    continue;
+                }
                 dirty.insert(run.id);
+                self.track(run).await?;
             }
         }
         let ids: Vec<Id> = dirty.iter().copied().collect();
@@ -185,6 +197,14 @@ impl Scheduler {
         }
     }
 
+    /// Whether this scheduler is to drive run `id`.
+    fn wanted(&self, id: Id) -> bool {
+        self.options
+            .only_runs
+            .as_ref()
+            .is_none_or(|only| only.contains(&id))
+    }
+
     async fn workflow(&mut self, id: Id) -> Result<Arc<Workflow>> {
         if let Some(workflow) = self.workflows.get(&id) {
             return Ok(workflow.clone());
@@ -214,7 +234,10 @@ impl Scheduler {
     async fn claim_ready(&mut self, dirty: &mut HashSet<Id>) -> Result<()> {
         let mut after_id = None;
         loop {
-            let room = self.options.max_active_runs.saturating_sub(self.active.len());
+            let room = self
+                .options
+                .max_active_runs
+                .saturating_sub(self.active.len());
             if room == 0 {
                 return Ok(());
             }
@@ -238,8 +261,15 @@ impl Scheduler {
                 if claimed.len() >= room {
                     break;
                 }
+                if !self.wanted(run.id) {
+                    continue;
+                }
                 let workflow = self.workflow(run.workflow_id).await?;
-                let taken = self.per_workflow.get(&run.workflow_id).copied().unwrap_or(0)
+                let taken = self
+                    .per_workflow
+                    .get(&run.workflow_id)
+                    .copied()
+                    .unwrap_or(0)
                     + planned.get(&run.workflow_id).copied().unwrap_or(0);
                 if workflow
                     .definition
@@ -289,7 +319,10 @@ impl Scheduler {
             .map(|task| self.lost(task, now, "its lease expired"))
             .collect();
         if !sets.is_empty() {
-            warn!(count = sets.len(), "putting back tasks whose worker lost its lease");
+            warn!(
+                count = sets.len(),
+                "putting back tasks whose worker lost its lease"
+            );
             self.commits.submit(sets).await?;
         }
         for task in expired {

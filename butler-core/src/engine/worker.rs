@@ -17,6 +17,9 @@ use super::plan::TaskMessage;
 use super::{EngineOptions, Stats, retry};
 use crate::change::{Change, ChangeSet, LeaseChange, TaskChange, TaskExpect};
 use crate::definition::Renderer;
+
+/// Workflows a worker has seen, with their compiled templates.
+type WorkflowCache = HashMap<Id, (Arc<Workflow>, Arc<Renderer>)>;
 use crate::error::{Error, Result};
 use crate::executor::{Attempt, DynExecutor, Finished, Outcome, attempt_dir};
 use crate::model::{Id, TaskInstance, TaskState, Workflow};
@@ -37,7 +40,7 @@ pub(crate) struct Worker {
     pub options: EngineOptions,
     pub stats: Arc<Stats>,
     pub name: String,
-    workflows: Mutex<HashMap<Id, (Arc<Workflow>, Arc<Renderer>)>>,
+    workflows: Mutex<WorkflowCache>,
     /// Mean attempt duration in microseconds, smoothed.
     mean_micros: AtomicU64,
 }
@@ -203,8 +206,10 @@ impl Worker {
         Ok(entry)
     }
 
-    fn lock_workflows(&self) -> std::sync::MutexGuard<'_, HashMap<Id, (Arc<Workflow>, Arc<Renderer>)>> {
-        self.workflows.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock_workflows(&self) -> std::sync::MutexGuard<'_, WorkflowCache> {
+        self.workflows
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs one claimed attempt to its end and records the outcome.
@@ -218,20 +223,25 @@ impl Worker {
         let token = task.token.unwrap_or_default();
         let run = self.store.get_run(task.run_id).await?;
         let (workflow, renderer) = self.workflow(run.workflow_id).await?;
-        let def = workflow.definition.task(&task.task_id).cloned().ok_or_else(|| {
-            Error::not_found(crate::Kind::Task, format!("{} of run {}", task.task_id, run.id))
-        })?;
+        let def = workflow
+            .definition
+            .task(&task.task_id)
+            .cloned()
+            .ok_or_else(|| {
+                Error::not_found(
+                    crate::Kind::Task,
+                    format!("{} of run {}", task.task_id, run.id),
+                )
+            })?;
         let config = self.store.get_config(run.effective_config_id).await?.data;
 
         let cancel = CancellationToken::new();
         let lost = CancellationToken::new();
-        let heartbeat = tokio::spawn(self.clone().heartbeat(
-            &task,
-            token,
-            tag,
-            cancel.clone(),
-            lost.clone(),
-        ));
+        let heartbeat =
+            tokio::spawn(
+                self.clone()
+                    .heartbeat(&task, token, tag, cancel.clone(), lost.clone()),
+            );
         let execution = async {
             match renderer.render(&config) {
                 Err(err) => Finished {
@@ -243,16 +253,19 @@ impl Worker {
                 },
                 Ok(rendered) => {
                     let rendered = rendered.into_iter().find(|r| r.id == task.task_id);
-                    let (command, env) = rendered
-                        .map(|r| (r.command, r.env))
-                        .unwrap_or_default();
+                    let (command, env) = rendered.map(|r| (r.command, r.env)).unwrap_or_default();
                     let attempt = Attempt {
                         run_id: run.id,
                         task_id: task.task_id.clone(),
                         try_number: task.try_number,
                         command,
                         env,
-                        workdir: attempt_dir(&self.options.home, run.id, &task.task_id, task.try_number),
+                        workdir: attempt_dir(
+                            &self.options.home,
+                            run.id,
+                            &task.task_id,
+                            task.try_number,
+                        ),
                         config: config.clone(),
                         timeout: def.timeout,
                     };
@@ -368,4 +381,3 @@ impl Worker {
 fn new_token() -> i64 {
     (Uuid::new_v4().as_u64_pair().0 >> 1) as i64
 }
-

@@ -1,17 +1,18 @@
 //! In-memory run store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::change::{Change, ChangeSet, LeaseChange, RunChange, TaskChange};
 use crate::config::{self, Config};
 use crate::error::{Error, Kind, Result};
 use crate::model::{
-    Analysis, AnalysisRun, ConfigOwner, Id, NewAnalysis, NewRuns, NewWorkflow, RunFilter,
-    RunStatus, Workflow,
+    Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
+    RunFilter, RunStatus, TaskInstance, TaskState, Workflow,
 };
 use crate::store::RunStore;
 
@@ -31,6 +32,10 @@ struct Inner {
     workflows: Vec<Workflow>,
     analyses: Vec<Analysis>,
     runs: Vec<AnalysisRun>,
+    /// The tasks of run `id` at index `id - 1`, in definition order.
+    tasks: Vec<Vec<TaskInstance>>,
+    /// Event `id` is at index `id - 1`.
+    events: Vec<Event>,
     /// `(workflow, analysis) → run config sha256 → first run with it`: the duplicate index.
     launched: HashMap<(Id, Id), HashMap<String, Id>>,
 }
@@ -83,6 +88,131 @@ impl Inner {
     fn store_config(&mut self, config: Config) {
         self.configs.entry(config.id).or_insert(config);
     }
+
+    /// Where the task is: the index of its run and its index among the run's tasks.
+    fn task_index(&self, run_id: Id, task_id: &str) -> Option<(usize, usize)> {
+        let run = index_of(run_id, self.tasks.len())?;
+        let task = self.tasks[run].iter().position(|t| t.task_id == task_id)?;
+        Some((run, task))
+    }
+
+    /// Applies one set: every change or none.
+    ///
+    /// Changes are applied in order, each seeing the ones before it (a set may move a task
+    /// twice), and undone in reverse if a later one fails its compare-and-set.
+    fn apply_set(&mut self, set: ChangeSet, at: DateTime<Utc>) -> bool {
+        let events = self.events.len();
+        let mut undo = Vec::new();
+        for change in set {
+            if !self.apply_change(change, at, &mut undo) {
+                for step in undo.into_iter().rev() {
+                    match step {
+                        Undo::Task(run, task, old) => self.tasks[run][task] = old,
+                        Undo::Run(run, old) => self.runs[run] = old,
+                    }
+                }
+                self.events.truncate(events);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Applies one change if its compare-and-set holds, noting how to undo it.
+    fn apply_change(&mut self, change: Change, at: DateTime<Utc>, undo: &mut Vec<Undo>) -> bool {
+        match change {
+            Change::Task(change) => self.apply_task(change, at, undo),
+            Change::Run(change) => self.apply_run(change, at, undo),
+            Change::Lease(change) => self.apply_lease(change, undo),
+        }
+    }
+
+    fn apply_task(&mut self, change: TaskChange, at: DateTime<Utc>, undo: &mut Vec<Undo>) -> bool {
+        let TaskChange {
+            expect,
+            new,
+            by,
+            reason,
+        } = change;
+        let Some((run, index)) = self.task_index(new.run_id, &new.task_id) else {
+            return false;
+        };
+        let task = &mut self.tasks[run][index];
+        if task.state != expect.state
+            || task.try_number != expect.try_number
+            || task.token != expect.token
+        {
+            return false;
+        }
+        let event = Event {
+            id: next_id(self.events.len()),
+            at,
+            run_id: new.run_id,
+            task_id: Some(new.task_id.clone()),
+            try_number: Some(new.try_number),
+            from: expect.state.as_str().to_owned(),
+            to: new.state.as_str().to_owned(),
+            by,
+            reason,
+        };
+        undo.push(Undo::Task(run, index, std::mem::replace(task, new)));
+        self.events.push(event);
+        true
+    }
+
+    fn apply_run(&mut self, change: RunChange, at: DateTime<Utc>, undo: &mut Vec<Undo>) -> bool {
+        let Some(index) = index_of(change.run_id, self.runs.len()) else {
+            return false;
+        };
+        let run = &mut self.runs[index];
+        if run.status != change.expect {
+            return false;
+        }
+        undo.push(Undo::Run(index, run.clone()));
+        run.status = change.status;
+        if change.status == RunStatus::Ready {
+            run.error = None;
+            run.started_at = None;
+            run.ended_at = None;
+        } else {
+            run.error = change.error;
+            run.started_at = change.started_at.or(run.started_at);
+            run.ended_at = change.ended_at;
+        }
+        self.events.push(Event {
+            id: next_id(self.events.len()),
+            at,
+            run_id: change.run_id,
+            task_id: None,
+            try_number: None,
+            from: change.expect.as_str().to_owned(),
+            to: change.status.as_str().to_owned(),
+            by: change.by,
+            reason: change.reason,
+        });
+        true
+    }
+
+    fn apply_lease(&mut self, change: LeaseChange, undo: &mut Vec<Undo>) -> bool {
+        let Some((run, index)) = self.task_index(change.run_id, &change.task_id) else {
+            return false;
+        };
+        let task = &mut self.tasks[run][index];
+        if task.state != TaskState::Running || task.token != Some(change.token) {
+            return false;
+        }
+        undo.push(Undo::Task(run, index, task.clone()));
+        task.lease_until = Some(change.until);
+        true
+    }
+}
+
+/// What a change replaced, to put back when a later change of its set fails.
+enum Undo {
+    /// The task at `(run index, task index)` was this.
+    Task(usize, usize, TaskInstance),
+    /// The run at this index was this.
+    Run(usize, AnalysisRun),
 }
 
 #[async_trait]
@@ -171,6 +301,7 @@ impl RunStore for MemoryRunStore {
     }
 
     async fn create_runs(&self, launch: NewRuns) -> Result<Vec<AnalysisRun>> {
+        check_task_ids(&launch.task_ids)?;
         let mut inner = self.lock();
         inner.workflow(launch.workflow_id)?;
         inner.analysis(launch.analysis_id)?;
@@ -235,6 +366,12 @@ impl RunStore for MemoryRunStore {
             inner.store_config(run.run_config);
             inner.store_config(effective);
             inner.runs.push(record.clone());
+            let tasks = launch
+                .task_ids
+                .iter()
+                .map(|task_id| TaskInstance::pending(id, task_id.as_str()))
+                .collect();
+            inner.tasks.push(tasks);
             created.push(record);
         }
         Ok(created)
@@ -280,6 +417,81 @@ impl RunStore for MemoryRunStore {
         }
         Ok(counts)
     }
+
+    async fn apply(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>> {
+        let mut inner = self.lock();
+        let at = Utc::now();
+        Ok(sets
+            .into_iter()
+            .map(|set| inner.apply_set(set, at))
+            .collect())
+    }
+
+    async fn list_tasks(&self, run_ids: &[Id]) -> Result<Vec<TaskInstance>> {
+        let mut ids = run_ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let inner = self.lock();
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| index_of(id, inner.tasks.len()))
+            .flat_map(|index| inner.tasks[index].iter().cloned())
+            .collect())
+    }
+
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<TaskInstance>> {
+        let inner = self.lock();
+        let mut expired: Vec<(DateTime<Utc>, &TaskInstance)> = inner
+            .tasks
+            .iter()
+            .flatten()
+            .filter(|task| task.state == TaskState::Running)
+            .filter_map(|task| {
+                task.lease_until
+                    .filter(|until| *until < now)
+                    .map(|u| (u, task))
+            })
+            .collect();
+        // Stable: tasks with the same lease end stay in run and definition order.
+        expired.sort_by_key(|(until, _)| *until);
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        Ok(expired
+            .into_iter()
+            .take(limit)
+            .map(|(_, task)| task.clone())
+            .collect())
+    }
+
+    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>> {
+        let inner = self.lock();
+        // Event `id` is at index `id - 1`, so the events after `after` start at index `after`.
+        let start = usize::try_from(filter.after.max(0))
+            .unwrap_or(usize::MAX)
+            .min(inner.events.len());
+        let limit = usize::try_from(filter.limit).unwrap_or(usize::MAX);
+        Ok(inner.events[start..]
+            .iter()
+            .filter(|event| filter.run_id.is_none_or(|run| event.run_id == run))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn last_event_id(&self) -> Result<Id> {
+        Ok(Id::try_from(self.lock().events.len()).unwrap_or(Id::MAX))
+    }
+}
+
+/// Fails with `InvalidInput` when a launch names a task twice: each run has one task per id.
+fn check_task_ids(task_ids: &[String]) -> Result<()> {
+    let mut seen = HashSet::new();
+    match task_ids.iter().find(|id| !seen.insert(id.as_str())) {
+        Some(id) => Err(Error::InvalidInput(format!(
+            "the launch names task {id:?} twice; each task of a workflow needs its own id, so \
+             fix the workflow definition"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// How a run of a launch is named in messages: its file, or its position in the launch.
@@ -312,6 +524,34 @@ fn duplicates_in_launch(pairs: &[(String, String)]) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn passes_the_store_conformance_suite() {
+        crate::testing::store::run_all(&MemoryRunStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn a_new_store_has_no_events() {
+        let store = MemoryRunStore::new();
+        assert_eq!(store.last_event_id().await.expect("last"), 0);
+        let filter = EventFilter {
+            run_id: None,
+            after: 0,
+            limit: 10,
+        };
+        assert!(store.list_events(&filter).await.expect("list").is_empty());
+        assert!(store.list_tasks(&[1, 2]).await.expect("tasks").is_empty());
+    }
+
+    #[test]
+    fn check_task_ids_names_the_repeated_task() {
+        assert!(check_task_ids(&["a".into(), "b".into()]).is_ok());
+        let err = check_task_ids(&["a".into(), "b".into(), "a".into()])
+            .expect_err("a repeated id")
+            .to_string();
+        assert!(err.contains("\"a\" twice"), "{err}");
+    }
 
     #[test]
     fn index_of_rejects_ids_outside_the_vector() {

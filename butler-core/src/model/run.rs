@@ -144,6 +144,8 @@ pub struct NewRuns {
     pub analysis_config_id: Uuid,
     /// The runs, in launch order.
     pub runs: Vec<NewRun>,
+    /// The workflow's task ids in definition order: every run gets one pending task for each.
+    pub task_ids: Vec<String>,
     /// Create runs even when a run of the same workflow and analysis already has the same run
     /// config (by sha256).
     pub allow_duplicates: bool,

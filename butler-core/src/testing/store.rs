@@ -6,16 +6,17 @@
 //!
 //! Every check panics with a message naming the broken promise of the [`RunStore`] contract.
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::change::{Change, ChangeSet, LeaseChange, RunChange, TaskChange, TaskExpect};
 use crate::config::{self, Config, RUN_ID_KEY};
 use crate::definition::Definition;
 use crate::error::Error;
 use crate::model::{
-    Analysis, AnalysisRun, ConfigOwner, Id, NewAnalysis, NewRun, NewRuns, NewWorkflow, RunFilter,
-    RunStatus, Workflow,
+    Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRun, NewRuns,
+    NewWorkflow, RunFilter, RunStatus, TaskInstance, TaskState, Workflow,
 };
 use crate::store::RunStore;
 
@@ -39,6 +40,15 @@ pub async fn run_all(store: &dyn RunStore) {
     list_runs_pages_by_id(store).await;
     count_runs_counts_per_status(store).await;
     missing_ids_are_not_found(store).await;
+    create_runs_creates_pending_tasks_in_order(store).await;
+    create_runs_refuses_a_task_named_twice(store).await;
+    task_changes_are_compare_and_set(store).await;
+    a_set_applies_all_of_its_changes_or_none(store).await;
+    run_changes_are_compare_and_set(store).await;
+    leases_are_extended_only_by_the_running_holder(store).await;
+    events_record_every_change_in_order(store).await;
+    last_event_id_is_the_newest_event(store).await;
+    expired_leases_are_running_tasks_with_past_leases(store).await;
 }
 
 /// Workflows come back as created, their config layer is stored, and the list is ordered by id.
@@ -698,6 +708,853 @@ pub async fn missing_ids_are_not_found(store: &dyn RunStore) {
     assert_not_found(store.get_config(id).await, "config", id);
 }
 
+/// Every run of a launch gets one `pending` task per task id, listed in the launch's order
+/// (not by name); `list_tasks` orders runs by id whatever order they are asked in.
+pub async fn create_runs_creates_pending_tasks_in_order(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "tasks").await;
+    // Twelve ids in reverse alphabetical order: neither name nor text order of positions works.
+    let task_ids: Vec<String> = (0..12).rev().map(|i| format!("step-{i:x}")).collect();
+    let mut launch = new_runs(store, &workflow, &analysis, &samples("tasks", 3), None).await;
+    launch.task_ids = task_ids.clone();
+    let runs = store.create_runs(launch).await.expect("launch");
+
+    let asked = [runs[2].id, runs[0].id, MISSING_ID, runs[2].id, runs[1].id];
+    let tasks = store.list_tasks(&asked).await.expect("list_tasks");
+    let want: Vec<TaskInstance> = runs
+        .iter()
+        .flat_map(|run| task_ids.iter().map(|id| TaskInstance::pending(run.id, id)))
+        .collect();
+    assert_eq!(
+        tasks, want,
+        "each run has its tasks pending in launch order, runs in id order, each run once"
+    );
+    assert!(
+        store.list_tasks(&[]).await.expect("list_tasks").is_empty(),
+        "no run ids, no tasks"
+    );
+    assert!(
+        store
+            .list_tasks(&[MISSING_ID])
+            .await
+            .expect("list_tasks")
+            .is_empty(),
+        "a missing run has no tasks"
+    );
+
+    let default = launch_tasks(store, &workflow, &analysis, "default-tasks").await;
+    let names: Vec<String> = tasks_of(store, default.id)
+        .await
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(names, ["align", "report"], "the definition's tasks");
+}
+
+/// A launch naming a task twice fails with `InvalidInput` naming the task, and creates nothing.
+pub async fn create_runs_refuses_a_task_named_twice(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "task-twice").await;
+    let mut launch = new_runs(store, &workflow, &analysis, &samples("twice", 2), None).await;
+    launch.task_ids = vec!["align".into(), "report".into(), "align".into()];
+    let run_configs = run_config_ids(&launch);
+    let err = store
+        .create_runs(launch)
+        .await
+        .expect_err("a task id given twice is refused");
+    assert!(
+        matches!(err, Error::InvalidInput(_)),
+        "expected InvalidInput, got {err:?}"
+    );
+    assert!(
+        err.to_string().contains("\"align\""),
+        "the message names the task: {err}"
+    );
+    assert_nothing_launched(store, analysis.id, &run_configs).await;
+}
+
+/// A task change replaces the whole row only while the task's state, attempt and token are
+/// those expected; a stale expectation changes nothing and logs nothing.
+pub async fn task_changes_are_compare_and_set(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "task-cas").await;
+    let run = launch_tasks(store, &workflow, &analysis, "task-cas").await;
+    let cursor = store.last_event_id().await.expect("last_event_id");
+    let pending = task_of(store, run.id, "align").await;
+    let t0 = now_ms();
+
+    let queued = queued(&pending, t0);
+    assert_eq!(
+        apply(store, vec![vec![task_change(&pending, queued.clone())]]).await,
+        [true],
+        "a change expecting the stored row applies"
+    );
+    assert_eq!(task_of(store, run.id, "align").await, queued);
+
+    // Every column set, to see each one stored and read back.
+    let running = TaskInstance {
+        state: TaskState::Running,
+        failures: 2,
+        token: Some(42),
+        lease_until: Some(t0 + TimeDelta::minutes(5)),
+        worker: Some("host-a/17".to_owned()),
+        first_started_at: Some(t0 + TimeDelta::seconds(1)),
+        started_at: Some(t0 + TimeDelta::seconds(2)),
+        ended_at: Some(t0 + TimeDelta::seconds(3)),
+        next_try_at: Some(t0 + TimeDelta::seconds(4)),
+        exit_code: Some(-9),
+        error: Some("killed by signal 9".to_owned()),
+        ..queued.clone()
+    };
+    let stale = [
+        (TaskState::Pending, 1, None, "a stale state"),
+        (TaskState::Queued, 0, None, "a stale attempt"),
+        (
+            TaskState::Queued,
+            1,
+            Some(7),
+            "a token the task does not have",
+        ),
+    ];
+    for (state, try_number, token, what) in stale {
+        let change = TaskChange {
+            expect: TaskExpect {
+                state,
+                try_number,
+                token,
+            },
+            new: running.clone(),
+            by: "suite".to_owned(),
+            reason: what.to_owned(),
+        };
+        assert_eq!(
+            apply(store, vec![vec![Change::Task(change)]]).await,
+            [false],
+            "a change expecting {what} is refused"
+        );
+        assert_eq!(
+            task_of(store, run.id, "align").await,
+            queued,
+            "a change expecting {what} changes nothing"
+        );
+    }
+    assert_eq!(
+        apply(store, vec![vec![task_change(&queued, running.clone())]]).await,
+        [true]
+    );
+    assert_eq!(
+        task_of(store, run.id, "align").await,
+        running,
+        "every column of the new row is stored"
+    );
+
+    let succeeded = finished(&running, TaskState::Succeeded, t0 + TimeDelta::seconds(9));
+    for token in [None, Some(41)] {
+        let expect = TaskExpect {
+            token,
+            ..TaskExpect::of(&running)
+        };
+        let change = TaskChange {
+            expect,
+            new: succeeded.clone(),
+            by: "stale worker".to_owned(),
+            reason: "late result".to_owned(),
+        };
+        assert_eq!(
+            apply(store, vec![vec![Change::Task(change)]]).await,
+            [false],
+            "a result from the holder of token {token:?} is refused while token 42 runs"
+        );
+    }
+    assert_eq!(task_of(store, run.id, "align").await, running);
+    assert_eq!(
+        apply(store, vec![vec![task_change(&running, succeeded.clone())]]).await,
+        [true],
+        "the holder of the current token records the result"
+    );
+    assert_eq!(task_of(store, run.id, "align").await, succeeded);
+
+    let missing_task = TaskInstance::pending(run.id, "no-such-task");
+    let missing_run = TaskInstance::pending(MISSING_ID, "align");
+    for missing in [missing_task, missing_run] {
+        let mut new = missing.clone();
+        new.state = TaskState::Queued;
+        assert_eq!(
+            apply(store, vec![vec![task_change(&missing, new)]]).await,
+            [false],
+            "a change of a missing task ({}, {}) is refused",
+            missing.run_id,
+            missing.task_id
+        );
+    }
+    assert_eq!(
+        task_of(store, run.id, "report").await,
+        TaskInstance::pending(run.id, "report"),
+        "the run's other task is untouched"
+    );
+
+    let moves: Vec<(String, String)> = events_after(store, run.id, cursor)
+        .await
+        .into_iter()
+        .map(|e| (e.from, e.to))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            pair("pending", "queued"),
+            pair("queued", "running"),
+            pair("running", "succeeded")
+        ],
+        "only the applied changes are logged"
+    );
+}
+
+/// A set applies every one of its changes or none; one call applies some sets and refuses
+/// others, and each change sees those applied before it in the same call.
+pub async fn a_set_applies_all_of_its_changes_or_none(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "sets").await;
+    let runs = launch(store, &workflow, &analysis, &samples("sets", 2))
+        .await
+        .expect("launch");
+    let (a, b) = (&runs[0], &runs[1]);
+    let cursor = store.last_event_id().await.expect("last_event_id");
+    let t = now_ms();
+
+    let a_align = task_of(store, a.id, "align").await;
+    let a_report = task_of(store, a.id, "report").await;
+    let wrong = TaskChange {
+        expect: TaskExpect {
+            state: TaskState::Running,
+            ..TaskExpect::of(&a_report)
+        },
+        new: queued(&a_report, t),
+        by: "suite".to_owned(),
+        reason: "expects a state the task is not in".to_owned(),
+    };
+    let refused = vec![
+        task_change(&a_align, queued(&a_align, t)),
+        Change::Run(run_change(a.id, RunStatus::Ready, RunStatus::Scheduled)),
+        Change::Task(wrong),
+    ];
+
+    let b_align = task_of(store, b.id, "align").await;
+    let b_report = task_of(store, b.id, "report").await;
+    let b_queued = queued(&b_align, t);
+    let applied = vec![
+        task_change(&b_align, b_queued.clone()),
+        Change::Run(run_change(b.id, RunStatus::Ready, RunStatus::Scheduled)),
+    ];
+    let b_running = running(&b_queued, 7, t);
+    let b_succeeded = finished(&b_running, TaskState::Succeeded, t);
+    let chained = vec![
+        task_change(&b_queued, b_running.clone()),
+        task_change(&b_running, b_succeeded.clone()),
+    ];
+    let lease_refused = vec![
+        task_change(&b_report, queued(&b_report, t)),
+        Change::Lease(LeaseChange {
+            run_id: b.id,
+            task_id: "align".to_owned(),
+            token: 7,
+            until: t + TimeDelta::minutes(1),
+        }),
+    ];
+
+    let answer = apply(
+        store,
+        vec![refused, applied, chained, lease_refused, Vec::new()],
+    )
+    .await;
+    assert_eq!(
+        answer,
+        [false, true, true, false, true],
+        "the set with a stale change and the one with a refused lease are refused; the others, \
+         including one building on an earlier set and an empty one, apply"
+    );
+
+    assert_eq!(
+        tasks_of(store, a.id).await,
+        [a_align, a_report],
+        "no change of a refused set is applied"
+    );
+    assert_eq!(
+        store.get_run(a.id).await.expect("run").status,
+        RunStatus::Ready,
+        "the run change of a refused set is not applied"
+    );
+    assert!(
+        events_after(store, a.id, cursor).await.is_empty(),
+        "a refused set logs no event"
+    );
+
+    assert_eq!(
+        tasks_of(store, b.id).await,
+        [b_succeeded, b_report],
+        "applied sets are applied in order; the refused lease undid its set's task change"
+    );
+    assert_eq!(
+        store.get_run(b.id).await.expect("run").status,
+        RunStatus::Scheduled
+    );
+    let logged: Vec<(Option<String>, String, String)> = events_after(store, b.id, cursor)
+        .await
+        .into_iter()
+        .map(|e| (e.task_id, e.from, e.to))
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            (Some("align".to_owned()), "pending".into(), "queued".into()),
+            (None, "ready".into(), "scheduled".into()),
+            (Some("align".to_owned()), "queued".into(), "running".into()),
+            (
+                Some("align".to_owned()),
+                "running".into(),
+                "succeeded".into()
+            ),
+        ],
+        "applied sets log their changes in order"
+    );
+    assert!(
+        apply(store, Vec::new()).await.is_empty(),
+        "no sets, no answers"
+    );
+}
+
+/// A run change moves the run only from the expected status; `started_at` is kept when the
+/// change has none, and a move back to `ready` clears the times and the error.
+pub async fn run_changes_are_compare_and_set(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "run-cas").await;
+    let launched = launch_tasks(store, &workflow, &analysis, "run-cas").await;
+    let id = launched.id;
+    let cursor = store.last_event_id().await.expect("last_event_id");
+    let t1 = now_ms();
+    let t2 = t1 + TimeDelta::seconds(30);
+
+    let scheduled = run_change(id, RunStatus::Ready, RunStatus::Scheduled);
+    assert_eq!(
+        apply(store, vec![vec![Change::Run(scheduled)]]).await,
+        [true]
+    );
+    let mut want = AnalysisRun {
+        status: RunStatus::Scheduled,
+        ..launched.clone()
+    };
+    assert_eq!(store.get_run(id).await.expect("run"), want);
+
+    let started = RunChange {
+        started_at: Some(t1),
+        ..run_change(id, RunStatus::Scheduled, RunStatus::InProgress)
+    };
+    assert_eq!(apply(store, vec![vec![Change::Run(started)]]).await, [true]);
+    want.status = RunStatus::InProgress;
+    want.started_at = Some(t1);
+    assert_eq!(
+        store.get_run(id).await.expect("run"),
+        want,
+        "started_at set"
+    );
+
+    let failed = RunChange {
+        error: Some("task align failed".to_owned()),
+        ended_at: Some(t2),
+        ..run_change(id, RunStatus::InProgress, RunStatus::Error)
+    };
+    assert_eq!(apply(store, vec![vec![Change::Run(failed)]]).await, [true]);
+    want.status = RunStatus::Error;
+    want.error = Some("task align failed".to_owned());
+    want.ended_at = Some(t2);
+    assert_eq!(
+        store.get_run(id).await.expect("run"),
+        want,
+        "a change without started_at keeps the stored one"
+    );
+
+    let stale = RunChange {
+        ended_at: Some(t2 + TimeDelta::seconds(1)),
+        ..run_change(id, RunStatus::InProgress, RunStatus::Completed)
+    };
+    assert_eq!(
+        apply(store, vec![vec![Change::Run(stale)]]).await,
+        [false],
+        "a change expecting a status the run left is refused"
+    );
+    assert_eq!(
+        store.get_run(id).await.expect("run"),
+        want,
+        "a refused change leaves the run as it was"
+    );
+    assert_eq!(
+        apply(
+            store,
+            vec![vec![Change::Run(run_change(
+                MISSING_ID,
+                RunStatus::Ready,
+                RunStatus::Scheduled
+            ))]]
+        )
+        .await,
+        [false],
+        "a change of a missing run is refused"
+    );
+
+    let reset = RunChange {
+        error: Some("kept nowhere".to_owned()),
+        started_at: Some(t2),
+        ended_at: Some(t2),
+        ..run_change(id, RunStatus::Error, RunStatus::Ready)
+    };
+    assert_eq!(apply(store, vec![vec![Change::Run(reset)]]).await, [true]);
+    assert_eq!(
+        store.get_run(id).await.expect("run"),
+        launched,
+        "a run put back to ready has no start, end or error"
+    );
+
+    let logged: Vec<Event> = events_after(store, id, cursor).await;
+    let moves: Vec<(String, String)> = logged
+        .iter()
+        .map(|e| (e.from.clone(), e.to.clone()))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            pair("ready", "scheduled"),
+            pair("scheduled", "in-progress"),
+            pair("in-progress", "error"),
+            pair("error", "ready")
+        ]
+    );
+    assert!(
+        logged
+            .iter()
+            .all(|e| e.task_id.is_none() && e.try_number.is_none()),
+        "run events name no task: {logged:?}"
+    );
+}
+
+/// A lease is extended only for a running task and only by the holder of its token; lease
+/// changes log no event.
+pub async fn leases_are_extended_only_by_the_running_holder(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "lease").await;
+    let run = launch_tasks(store, &workflow, &analysis, "lease").await;
+    let t = now_ms();
+    let pending = task_of(store, run.id, "align").await;
+    let queued = queued(&pending, t);
+    let running = running(&queued, 5, t);
+    assert_eq!(
+        apply(
+            store,
+            vec![vec![
+                task_change(&pending, queued.clone()),
+                task_change(&queued, running.clone())
+            ]]
+        )
+        .await,
+        [true]
+    );
+    let cursor = store.last_event_id().await.expect("last_event_id");
+
+    let lease = |task_id: &str, token, until| {
+        vec![Change::Lease(LeaseChange {
+            run_id: run.id,
+            task_id: task_id.to_owned(),
+            token,
+            until,
+        })]
+    };
+    let later = t + TimeDelta::minutes(10);
+    assert_eq!(
+        apply(store, vec![lease("align", 5, later)]).await,
+        [true],
+        "the holder extends its lease"
+    );
+    let extended = TaskInstance {
+        lease_until: Some(later),
+        ..running.clone()
+    };
+    assert_eq!(
+        task_of(store, run.id, "align").await,
+        extended,
+        "only lease_until changes"
+    );
+    let other = later + TimeDelta::minutes(10);
+    assert_eq!(
+        apply(
+            store,
+            vec![lease("align", 6, other), lease("report", 5, other)]
+        )
+        .await,
+        [false, false],
+        "another token, or a task that is not running, extends nothing"
+    );
+    assert_eq!(task_of(store, run.id, "align").await, extended);
+    assert_eq!(
+        task_of(store, run.id, "report").await,
+        TaskInstance::pending(run.id, "report")
+    );
+    assert!(
+        events_after(store, run.id, cursor).await.is_empty(),
+        "lease changes log no event"
+    );
+
+    let retry = TaskInstance {
+        next_try_at: Some(t + TimeDelta::minutes(1)),
+        ..finished(&extended, TaskState::UpForRetry, t)
+    };
+    assert_eq!(
+        apply(store, vec![vec![task_change(&extended, retry.clone())]]).await,
+        [true]
+    );
+    assert_eq!(
+        apply(store, vec![lease("align", 5, other)]).await,
+        [false],
+        "a task that stopped running keeps no lease, even for its last token"
+    );
+    assert_eq!(task_of(store, run.id, "align").await, retry);
+    let missing = Change::Lease(LeaseChange {
+        run_id: MISSING_ID,
+        task_id: "align".to_owned(),
+        token: 5,
+        until: other,
+    });
+    assert_eq!(apply(store, vec![vec![missing]]).await, [false]);
+}
+
+/// Each applied change logs who made it, why, from which state to which, with the attempt
+/// number for tasks; `list_events` filters by run and pages by id.
+pub async fn events_record_every_change_in_order(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "events").await;
+    let runs = launch(store, &workflow, &analysis, &samples("events", 2))
+        .await
+        .expect("launch");
+    let (a, b) = (&runs[0], &runs[1]);
+    let cursor = store.last_event_id().await.expect("last_event_id");
+    let before = now_ms();
+    let align = task_of(store, a.id, "align").await;
+    let queued = queued(&align, before);
+    let started = running(&queued, 11, before);
+    let by = |change: Change, by: &str, reason: &str| match change {
+        Change::Task(c) => Change::Task(TaskChange {
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+            ..c
+        }),
+        Change::Run(c) => Change::Run(RunChange {
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+            ..c
+        }),
+        lease => lease,
+    };
+    let answer = apply(
+        store,
+        vec![
+            vec![by(
+                task_change(&align, queued.clone()),
+                "scheduler",
+                "its needs are met",
+            )],
+            vec![by(
+                Change::Run(run_change(b.id, RunStatus::Ready, RunStatus::Cancelled)),
+                "cli",
+                "cancelled by a user",
+            )],
+            vec![
+                by(
+                    task_change(&queued, started.clone()),
+                    "worker host-b/42",
+                    "started",
+                ),
+                by(
+                    Change::Run(run_change(a.id, RunStatus::Ready, RunStatus::InProgress)),
+                    "worker host-b/42",
+                    "a task started",
+                ),
+            ],
+        ],
+    )
+    .await;
+    assert_eq!(answer, [true, true, true]);
+    let after = Utc::now();
+
+    let all = store
+        .list_events(&EventFilter {
+            run_id: None,
+            after: cursor,
+            limit: u32::MAX,
+        })
+        .await
+        .expect("list_events");
+    assert_sorted_by_id(all.iter().map(|e| e.id), "list_events");
+    assert!(
+        all.iter().all(|e| e.id > cursor),
+        "only events after the cursor"
+    );
+    let ours: Vec<&Event> = all
+        .iter()
+        .filter(|e| e.run_id == a.id || e.run_id == b.id)
+        .collect();
+    let summary: Vec<_> = ours
+        .iter()
+        .map(|e| {
+            (
+                e.run_id,
+                e.task_id.as_deref(),
+                e.try_number,
+                e.from.as_str(),
+                e.to.as_str(),
+                e.by.as_str(),
+                e.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                a.id,
+                Some("align"),
+                Some(1),
+                "pending",
+                "queued",
+                "scheduler",
+                "its needs are met"
+            ),
+            (
+                b.id,
+                None,
+                None,
+                "ready",
+                "cancelled",
+                "cli",
+                "cancelled by a user"
+            ),
+            (
+                a.id,
+                Some("align"),
+                Some(1),
+                "queued",
+                "running",
+                "worker host-b/42",
+                "started"
+            ),
+            (
+                a.id,
+                None,
+                None,
+                "ready",
+                "in-progress",
+                "worker host-b/42",
+                "a task started"
+            ),
+        ],
+        "every applied change is logged in order, with who, why and the attempt"
+    );
+    for event in &ours {
+        assert!(
+            event.at >= before && event.at <= after,
+            "event {} was logged at {}, not between {before} and {after}",
+            event.id,
+            event.at
+        );
+    }
+
+    let of_a = |after, limit| EventFilter {
+        run_id: Some(a.id),
+        after,
+        limit,
+    };
+    let a_events = store
+        .list_events(&of_a(cursor, 100))
+        .await
+        .expect("list_events");
+    let want: Vec<Event> = ours
+        .iter()
+        .filter(|e| e.run_id == a.id)
+        .map(|e| (*e).clone())
+        .collect();
+    assert_eq!(
+        a_events, want,
+        "the run filter keeps only that run's events"
+    );
+    let first = store.list_events(&of_a(cursor, 2)).await.expect("page");
+    assert_eq!(first, want[..2], "limit keeps the oldest events");
+    let rest = store
+        .list_events(&of_a(first[1].id, 2))
+        .await
+        .expect("page");
+    assert_eq!(rest, want[2..], "after starts past that event");
+    assert!(
+        store
+            .list_events(&of_a(want[2].id, 10))
+            .await
+            .expect("page")
+            .is_empty()
+    );
+    assert!(
+        store
+            .list_events(&of_a(cursor, 0))
+            .await
+            .expect("page")
+            .is_empty(),
+        "limit 0 lists nothing"
+    );
+    assert!(
+        store
+            .list_events(&EventFilter {
+                run_id: Some(MISSING_ID),
+                after: 0,
+                limit: 10,
+            })
+            .await
+            .expect("list_events")
+            .is_empty()
+    );
+}
+
+/// `last_event_id` is the id of the newest event; refused sets and lease changes leave it.
+pub async fn last_event_id_is_the_newest_event(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "last-event").await;
+    let run = launch_tasks(store, &workflow, &analysis, "last-event").await;
+    let before = store.last_event_id().await.expect("last_event_id");
+    assert!(before >= 0, "event ids are not negative: {before}");
+    let pending = task_of(store, run.id, "align").await;
+    let queued = queued(&pending, now_ms());
+    assert_eq!(
+        apply(store, vec![vec![task_change(&pending, queued.clone())]]).await,
+        [true]
+    );
+    let last = store.last_event_id().await.expect("last_event_id");
+    let logged = events_after(store, run.id, before).await;
+    assert_eq!(logged.len(), 1);
+    assert!(
+        last > before && last >= logged[0].id,
+        "last_event_id {last} counts the new event {}",
+        logged[0].id
+    );
+
+    let running = running(&queued, 3, now_ms());
+    let refused = vec![
+        task_change(&queued, running.clone()),
+        task_change(&pending, queued.clone()),
+    ];
+    let lease = vec![Change::Lease(LeaseChange {
+        run_id: run.id,
+        task_id: "align".to_owned(),
+        token: 3,
+        until: now_ms(),
+    })];
+    assert_eq!(apply(store, vec![refused]).await, [false]);
+    assert_eq!(
+        store.last_event_id().await.expect("last_event_id"),
+        last,
+        "a refused set leaves no event, not even a rolled-back one"
+    );
+    assert_eq!(
+        apply(store, vec![vec![task_change(&queued, running)], lease]).await,
+        [true, true]
+    );
+    let newest = store.last_event_id().await.expect("last_event_id");
+    let logged = events_after(store, run.id, last).await;
+    assert_eq!(
+        logged.len(),
+        1,
+        "one task change, and the lease logs nothing"
+    );
+    assert_eq!(newest, logged[0].id, "the newest event is the task change");
+}
+
+/// `expired_leases` lists running tasks whose lease ended strictly before `now`, oldest lease
+/// first, up to `limit`; tasks in other states are never listed, whatever their lease.
+pub async fn expired_leases_are_running_tasks_with_past_leases(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "expired").await;
+    let runs = launch(store, &workflow, &analysis, &samples("expired", 3))
+        .await
+        .expect("launch");
+    // Long ago, so that no lease of a test using the clock is listed.
+    let now = DateTime::from_timestamp_millis(978_307_200_000).expect("2001-01-01");
+    let minutes = TimeDelta::minutes;
+    let leased = |run: &AnalysisRun, task_id: &str, state, until| TaskInstance {
+        state,
+        try_number: 1,
+        token: Some(run.id),
+        lease_until: Some(until),
+        started_at: Some(until - minutes(5)),
+        ..TaskInstance::pending(run.id, task_id)
+    };
+    let oldest = leased(&runs[1], "align", TaskState::Running, now - minutes(2));
+    let older = leased(&runs[0], "align", TaskState::Running, now - minutes(1));
+    let rows = [
+        older.clone(),
+        oldest.clone(),
+        leased(&runs[2], "align", TaskState::Running, now + minutes(10)),
+        leased(&runs[2], "report", TaskState::Running, now),
+        leased(&runs[0], "report", TaskState::Queued, now - minutes(5)),
+        leased(&runs[1], "report", TaskState::UpForRetry, now - minutes(5)),
+    ];
+    let sets: Vec<ChangeSet> = rows
+        .iter()
+        .map(|row| {
+            vec![task_change(
+                &TaskInstance::pending(row.run_id, &row.task_id),
+                row.clone(),
+            )]
+        })
+        .collect();
+    assert_eq!(apply(store, sets).await, [true; 6]);
+
+    let ours = |tasks: Vec<TaskInstance>| -> Vec<TaskInstance> {
+        tasks
+            .into_iter()
+            .filter(|t| runs.iter().any(|r| r.id == t.run_id))
+            .collect()
+    };
+    let expired = store
+        .expired_leases(now, 1000)
+        .await
+        .expect("expired_leases");
+    assert!(
+        expired
+            .iter()
+            .all(|t| t.state == TaskState::Running && t.lease_until.is_some_and(|u| u < now)),
+        "only running tasks with a lease ended before now: {expired:?}"
+    );
+    assert!(
+        expired
+            .windows(2)
+            .all(|w| w[0].lease_until <= w[1].lease_until),
+        "oldest lease first: {expired:?}"
+    );
+    assert_eq!(
+        ours(expired),
+        [oldest.clone(), older],
+        "the two running tasks with past leases, oldest first; not a lease ending at now, a \
+         future lease, or tasks that are not running"
+    );
+    let first = store.expired_leases(now, 1).await.expect("expired_leases");
+    assert_eq!(first.len(), 1, "limit 1 lists one task");
+    assert!(
+        first[0].lease_until <= oldest.lease_until,
+        "limit keeps the oldest lease: {first:?}"
+    );
+    assert_eq!(
+        ours(
+            store
+                .expired_leases(now - TimeDelta::seconds(90), 1000)
+                .await
+                .expect("expired")
+        ),
+        [oldest],
+        "an earlier now lists fewer tasks"
+    );
+    assert!(
+        store
+            .expired_leases(now, 0)
+            .await
+            .expect("expired")
+            .is_empty(),
+        "limit 0 lists nothing"
+    );
+}
+
 // ---- helpers ----
 
 fn unique(prefix: &str) -> String {
@@ -787,6 +1644,12 @@ async fn new_runs(
         workflow_config_id: workflow_config.id,
         analysis_config_id: analysis_config.id,
         runs,
+        task_ids: workflow
+            .definition
+            .tasks
+            .iter()
+            .map(|t| t.id.clone())
+            .collect(),
         allow_duplicates: false,
     }
 }
@@ -868,5 +1731,116 @@ fn assert_not_found<T: std::fmt::Debug>(
             );
         }
         other => panic!("expected NotFound for {kind} {id}, got {other:?}"),
+    }
+}
+
+/// Launches one run with the workflow's tasks.
+async fn launch_tasks(
+    store: &dyn RunStore,
+    workflow: &Workflow,
+    analysis: &Analysis,
+    prefix: &str,
+) -> AnalysisRun {
+    let mut runs = launch(store, workflow, analysis, &samples(prefix, 1))
+        .await
+        .expect("launch");
+    runs.pop().expect("one run")
+}
+
+/// Now, on a whole millisecond: stores keep times to the millisecond.
+fn now_ms() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+fn pair(from: &str, to: &str) -> (String, String) {
+    (from.to_owned(), to.to_owned())
+}
+
+async fn apply(store: &dyn RunStore, sets: Vec<ChangeSet>) -> Vec<bool> {
+    let count = sets.len();
+    let answer = store.apply(sets).await.expect("apply");
+    assert_eq!(answer.len(), count, "apply answers once per set");
+    answer
+}
+
+async fn tasks_of(store: &dyn RunStore, run_id: Id) -> Vec<TaskInstance> {
+    store.list_tasks(&[run_id]).await.expect("list_tasks")
+}
+
+async fn task_of(store: &dyn RunStore, run_id: Id, task_id: &str) -> TaskInstance {
+    tasks_of(store, run_id)
+        .await
+        .into_iter()
+        .find(|t| t.task_id == task_id)
+        .unwrap_or_else(|| panic!("run {run_id} has a task {task_id}"))
+}
+
+/// The events of one run after `cursor`.
+async fn events_after(store: &dyn RunStore, run_id: Id, cursor: Id) -> Vec<Event> {
+    store
+        .list_events(&EventFilter {
+            run_id: Some(run_id),
+            after: cursor,
+            limit: u32::MAX,
+        })
+        .await
+        .expect("list_events")
+}
+
+/// Replace `from` (as read) with `new`.
+fn task_change(from: &TaskInstance, new: TaskInstance) -> Change {
+    Change::Task(TaskChange {
+        expect: TaskExpect::of(from),
+        reason: format!("{} to {}", from.state, new.state),
+        new,
+        by: "suite".to_owned(),
+    })
+}
+
+fn run_change(run_id: Id, expect: RunStatus, status: RunStatus) -> RunChange {
+    RunChange {
+        run_id,
+        expect,
+        status,
+        error: None,
+        started_at: None,
+        ended_at: None,
+        by: "suite".to_owned(),
+        reason: format!("{expect} to {status}"),
+    }
+}
+
+/// `task` queued for its next attempt.
+fn queued(task: &TaskInstance, at: DateTime<Utc>) -> TaskInstance {
+    TaskInstance {
+        state: TaskState::Queued,
+        try_number: task.try_number + 1,
+        queued_at: Some(at),
+        ..task.clone()
+    }
+}
+
+/// `task` started by a worker holding `token`.
+fn running(task: &TaskInstance, token: i64, at: DateTime<Utc>) -> TaskInstance {
+    TaskInstance {
+        state: TaskState::Running,
+        token: Some(token),
+        lease_until: Some(at + TimeDelta::minutes(1)),
+        worker: Some("suite-worker".to_owned()),
+        first_started_at: task.first_started_at.or(Some(at)),
+        started_at: Some(at),
+        ..task.clone()
+    }
+}
+
+/// `task`'s attempt ended in `state`.
+fn finished(task: &TaskInstance, state: TaskState, at: DateTime<Utc>) -> TaskInstance {
+    TaskInstance {
+        state,
+        lease_until: None,
+        ended_at: Some(at),
+        exit_code: Some(i32::from(state != TaskState::Succeeded)),
+        ..task.clone()
     }
 }

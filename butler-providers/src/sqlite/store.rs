@@ -1,16 +1,19 @@
 //! SQLite run store.
 
+mod engine;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use butler_core::change::ChangeSet;
 use butler_core::config::{self, Config};
 use butler_core::definition::Definition;
 use butler_core::model::{
-    Analysis, AnalysisRun, ConfigOwner, Id, NewAnalysis, NewRuns, NewWorkflow, RunFilter,
-    RunStatus, Workflow,
+    Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
+    RunFilter, RunStatus, TaskInstance, Workflow,
 };
 use butler_core::{BoxError, Error, Kind, Result, RunStore};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -465,6 +468,7 @@ impl RunStore for SqliteStore {
             launch.workflow_id,
             launch.analysis_id
         );
+        engine::check_task_ids(&launch.task_ids)?;
         let now = now_ms();
         let created_at = from_ms(now).map_err(|e| self.corrupt("the clock", e))?;
         let mut tx = self.begin_write(&doing).await?;
@@ -489,10 +493,12 @@ impl RunStore for SqliteStore {
             .map(|r| &r.run_config)
             .chain(&effective)
             .collect();
-        let inserted = match insert_configs(&mut tx, &configs, now).await {
-            Ok(()) => insert_runs(&mut tx, &launch, &effective, first_id, now).await,
-            Err(e) => Err(e),
-        };
+        let inserted = async {
+            insert_configs(&mut tx, &configs, now).await?;
+            insert_runs(&mut tx, &launch, &effective, first_id, now).await?;
+            engine::insert_tasks(&mut tx, first_id, launch.runs.len(), &launch.task_ids).await
+        }
+        .await;
         if let Err(e) = inserted {
             if is_kind(&e, ErrorKind::ForeignKeyViolation) {
                 self.check_references(&mut tx, &launch).await?;
@@ -612,6 +618,26 @@ impl RunStore for SqliteStore {
             counts.insert(status, u64::try_from(count).unwrap_or_default());
         }
         Ok(counts)
+    }
+
+    async fn apply(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>> {
+        self.apply_sets(sets).await
+    }
+
+    async fn list_tasks(&self, run_ids: &[Id]) -> Result<Vec<TaskInstance>> {
+        self.select_tasks(run_ids).await
+    }
+
+    async fn expired_leases(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<TaskInstance>> {
+        self.select_expired(now, limit).await
+    }
+
+    async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>> {
+        self.select_events(filter).await
+    }
+
+    async fn last_event_id(&self) -> Result<Id> {
+        self.select_last_event_id().await
     }
 }
 

@@ -3,6 +3,8 @@
 //! The store and queue tests run the in-memory backends beside the SQLite ones, so they need
 //! the `sqlite` feature (a default one).
 
+#[cfg(feature = "sqlite")]
+mod engine;
 mod executor;
 #[cfg(feature = "sqlite")]
 mod queue;

@@ -2,17 +2,18 @@
 
 use std::time::{Duration, Instant};
 
+use butler_core::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
 use butler_core::config::Config;
 use butler_core::memory::MemoryRunStore;
 use butler_core::model::{
-    Analysis, AnalysisRun, NewAnalysis, NewRun, NewRuns, NewWorkflow, RunFilter, RunStatus,
-    Workflow,
+    Analysis, AnalysisRun, EventFilter, Id, NewAnalysis, NewRun, NewRuns, NewWorkflow, RunFilter,
+    RunStatus, TaskInstance, TaskState, Workflow,
 };
 use butler_core::testing::store::run_all;
 use butler_core::{Error, RunStore};
 use butler_providers::connect::{connect_store, default_store_url};
 use butler_providers::sqlite::{Durability, SqliteConfig, SqliteStore};
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::json;
 use sqlx::error::ErrorKind;
 
@@ -424,9 +425,21 @@ async fn a_launch_of_ten_thousand_runs_is_one_quick_transaction() {
     let started = Instant::now();
     let runs = store.create_runs(launch).await.expect("launch");
     let elapsed = started.elapsed();
-    println!("create_runs of 10,000 runs took {elapsed:?}");
+    println!("create_runs of 10,000 runs with 3 tasks each took {elapsed:?}");
     assert_eq!(runs.len(), 10_000);
     assert!(runs.windows(2).all(|w| w[1].id == w[0].id + 1));
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE run_id BETWEEN ? AND ?")
+        .bind(runs[0].id)
+        .bind(runs[9_999].id)
+        .fetch_one(store.pool())
+        .await
+        .expect("count tasks");
+    assert_eq!(tasks, 30_000, "three pending tasks per run");
+    let last = store.list_tasks(&[runs[9_999].id]).await.expect("tasks");
+    assert_eq!(
+        last.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(),
+        ["align", "call", "report"]
+    );
     // Far above the target of well under 1 s in a release build, to allow for an unoptimized
     // test build on a busy machine; it still catches a store that commits run by run.
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
@@ -496,6 +509,327 @@ async fn run_lists_use_an_index_in_id_order() {
     assert!(plan.contains("runs_by_run_config"), "{plan}");
 }
 
+#[tokio::test]
+async fn engine_changes_are_seen_by_a_second_store_on_the_same_file() {
+    let db = TempDb::new();
+    let first = db.open().await;
+    let second = db.open().await;
+    assert_eq!(second.last_event_id().await.expect("last"), 0, "a new log");
+    let (workflow, analysis) = setup(&first, "engine-shared").await;
+    let runs = launch(&first, &workflow, &analysis, 2)
+        .await
+        .expect("launch");
+    let run = &runs[0];
+    let align = TaskInstance::pending(run.id, "align");
+    assert_eq!(
+        second.list_tasks(&[run.id]).await.expect("tasks"),
+        ["align", "call", "report"].map(|t| TaskInstance::pending(run.id, t)),
+        "the second store sees the launched tasks"
+    );
+
+    let queued = TaskInstance {
+        state: TaskState::Queued,
+        try_number: 1,
+        queued_at: Some(ms(1_700_000_000_000)),
+        ..align.clone()
+    };
+    let applied = first
+        .apply(vec![
+            vec![task_change(&align, &queued)],
+            vec![Change::Run(RunChange {
+                run_id: run.id,
+                expect: RunStatus::Ready,
+                status: RunStatus::Scheduled,
+                error: None,
+                started_at: None,
+                ended_at: None,
+                by: "scheduler".into(),
+                reason: "taken".into(),
+            })],
+        ])
+        .await
+        .expect("apply");
+    assert_eq!(applied, [true, true]);
+    assert_eq!(
+        second.list_tasks(&[run.id]).await.expect("tasks")[0],
+        queued
+    );
+    assert_eq!(
+        second.get_run(run.id).await.expect("run").status,
+        RunStatus::Scheduled
+    );
+    let events = second
+        .list_events(&EventFilter {
+            run_id: Some(run.id),
+            after: 0,
+            limit: 10,
+        })
+        .await
+        .expect("events");
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.from.as_str(), e.to.as_str()))
+            .collect::<Vec<_>>(),
+        [("pending", "queued"), ("ready", "scheduled")]
+    );
+    assert_eq!(
+        second.last_event_id().await.expect("last"),
+        events[1].id,
+        "both stores read one log"
+    );
+
+    assert_eq!(
+        second
+            .apply(vec![vec![task_change(&align, &queued)]])
+            .await
+            .expect("apply"),
+        [false],
+        "the second store's stale change is refused"
+    );
+    let running = TaskInstance {
+        state: TaskState::Running,
+        token: Some(9),
+        lease_until: Some(ms(1_700_000_060_000)),
+        worker: Some("host-b/9".into()),
+        started_at: Some(ms(1_700_000_001_000)),
+        ..queued.clone()
+    };
+    assert_eq!(
+        second
+            .apply(vec![vec![task_change(&queued, &running)]])
+            .await
+            .expect("apply"),
+        [true]
+    );
+    assert_eq!(
+        first
+            .expired_leases(ms(1_700_000_060_001), 10)
+            .await
+            .expect("expired"),
+        [running],
+        "the first store sees the second one's running task and its lease"
+    );
+}
+
+#[tokio::test]
+async fn apply_takes_a_thousand_sets_in_one_call() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    assert_eq!(store.config().durability, Durability::Full);
+    let (workflow, analysis) = setup(&store, "thousand").await;
+    let runs = launch(&store, &workflow, &analysis, 1_200)
+        .await
+        .expect("launch");
+    let run_ids: Vec<Id> = runs.iter().map(|r| r.id).rev().collect();
+    let started = Instant::now();
+    let tasks = store.list_tasks(&run_ids).await.expect("tasks");
+    println!("list_tasks of 1,200 runs took {:?}", started.elapsed());
+    assert_eq!(tasks.len(), 3_600, "every task of every run asked for");
+    assert!(
+        tasks
+            .windows(2)
+            .all(|w| (w[0].run_id, position(&w[0])) < (w[1].run_id, position(&w[1]))),
+        "runs in id order, tasks in definition order"
+    );
+    let cursor = store.last_event_id().await.expect("last");
+
+    let now = ms(Utc::now().timestamp_millis());
+    let queue = |task: &TaskInstance| TaskInstance {
+        state: TaskState::Queued,
+        try_number: 1,
+        queued_at: Some(now),
+        ..task.clone()
+    };
+    let aligns: Vec<&TaskInstance> = tasks.iter().filter(|t| t.task_id == "align").collect();
+    let sets: Vec<ChangeSet> = aligns[..1_000]
+        .iter()
+        .map(|t| vec![task_change(t, &queue(t))])
+        .collect();
+    let started = Instant::now();
+    let applied = store.apply(sets.clone()).await.expect("apply");
+    let elapsed = started.elapsed();
+    println!(
+        "apply of 1,000 single task changes took {elapsed:?} ({:.0} changes/s)",
+        1_000.0 / elapsed.as_secs_f64()
+    );
+    assert_eq!(applied, vec![true; 1_000]);
+    // Far above what a release build needs, to allow for an unoptimized test build on a busy
+    // machine; it still catches a store that commits set by set.
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    let logged = store
+        .list_events(&EventFilter {
+            run_id: None,
+            after: cursor,
+            limit: 5_000,
+        })
+        .await
+        .expect("events");
+    assert_eq!(logged.len(), 1_000, "one event per change");
+    assert!(
+        logged
+            .iter()
+            .zip(&aligns)
+            .all(|(e, t)| e.run_id == t.run_id && e.to == "queued"),
+        "events in the order of the sets"
+    );
+
+    let started = Instant::now();
+    let again = store.apply(sets).await.expect("apply");
+    println!("refusing 1,000 stale changes took {:?}", started.elapsed());
+    assert_eq!(again, vec![false; 1_000], "every change is now stale");
+    let cursor = store.last_event_id().await.expect("last");
+    assert_eq!(cursor, logged[999].id, "refused changes log nothing");
+
+    // Sets of two: a task and its run, with every fourth set refused by a stale run status.
+    let sets: Vec<ChangeSet> = aligns[..1_000]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let queued = queue(t);
+            let running = TaskInstance {
+                state: TaskState::Running,
+                token: Some(i64::try_from(i).unwrap_or_default()),
+                started_at: Some(now),
+                ..queued.clone()
+            };
+            let expect = if i % 4 == 3 {
+                RunStatus::Completed
+            } else {
+                RunStatus::Ready
+            };
+            vec![
+                task_change(&queued, &running),
+                Change::Run(RunChange {
+                    run_id: t.run_id,
+                    expect,
+                    status: RunStatus::InProgress,
+                    error: None,
+                    started_at: Some(now),
+                    ended_at: None,
+                    by: "worker".into(),
+                    reason: "a task started".into(),
+                }),
+            ]
+        })
+        .collect();
+    let started = Instant::now();
+    let applied = store.apply(sets).await.expect("apply");
+    let elapsed = started.elapsed();
+    println!("apply of 1,000 sets of two changes took {elapsed:?}");
+    assert_eq!(
+        applied,
+        (0..1_000).map(|i| i % 4 != 3).collect::<Vec<_>>(),
+        "the sets with a stale run are refused, the others applied"
+    );
+    let after = store.list_tasks(&run_ids).await.expect("tasks");
+    let running = after
+        .iter()
+        .filter(|t| t.state == TaskState::Running)
+        .count();
+    assert_eq!(running, 750, "a refused set leaves its task queued");
+    let events = store
+        .list_events(&EventFilter {
+            run_id: None,
+            after: cursor,
+            limit: 5_000,
+        })
+        .await
+        .expect("events");
+    assert_eq!(events.len(), 1_500, "two events per applied set");
+}
+
+#[tokio::test]
+async fn task_state_check_rejects_an_unknown_state_written_by_hand() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let (workflow, analysis) = setup(&store, "task-check").await;
+    let runs = launch(&store, &workflow, &analysis, 1)
+        .await
+        .expect("launch");
+    let err = sqlx::query("UPDATE tasks SET state = 'done' WHERE run_id = ?")
+        .bind(runs[0].id)
+        .execute(store.pool())
+        .await
+        .expect_err("the CHECK constraint refuses an unknown task state");
+    assert_eq!(
+        err.as_database_error().map(|e| e.kind()),
+        Some(ErrorKind::CheckViolation),
+        "{err}"
+    );
+    for state in TaskState::ALL {
+        sqlx::query("UPDATE tasks SET state = ? WHERE run_id = ? AND task_id = 'align'")
+            .bind(state.as_str())
+            .bind(runs[0].id)
+            .execute(store.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{state} is a valid state: {e}"));
+        let tasks = store.list_tasks(&[runs[0].id]).await.expect("tasks");
+        assert_eq!(tasks[0].state, state, "{state} reads back");
+    }
+}
+
+#[tokio::test]
+async fn a_launch_naming_a_task_twice_stores_nothing() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let (workflow, analysis) = setup(&store, "task-twice").await;
+    let mut launch = new_runs(&workflow, &analysis, "twice", 3);
+    launch.task_ids.push("align".into());
+    let err = store.create_runs(launch).await.expect_err("refused");
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(store.pool())
+        .await
+        .expect("count");
+    assert_eq!(tasks, 0);
+    assert!(
+        store
+            .list_runs(&RunFilter::default())
+            .await
+            .expect("runs")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn engine_reads_use_their_indexes() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let plan = query_plan(
+        &store,
+        "EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE state = 'running' AND lease_until < 5 \
+         ORDER BY lease_until LIMIT 100",
+    )
+    .await;
+    assert!(plan.contains("tasks_running_by_lease"), "{plan}");
+    assert!(!plan.contains("TEMP B-TREE"), "expired leases sort: {plan}");
+    let plan = query_plan(
+        &store,
+        "EXPLAIN QUERY PLAN SELECT * FROM events WHERE run_id = 1 AND id > 5 ORDER BY id LIMIT 10",
+    )
+    .await;
+    assert!(plan.contains("events_by_run"), "{plan}");
+    assert!(!plan.contains("TEMP B-TREE"), "a run's events sort: {plan}");
+    let plan = query_plan(
+        &store,
+        "EXPLAIN QUERY PLAN SELECT * FROM tasks WHERE run_id IN \
+         (SELECT value FROM json_each('[1, 2]')) ORDER BY run_id, position",
+    )
+    .await;
+    assert!(plan.contains("PRIMARY KEY (run_id=?)"), "{plan}");
+    let plan = query_plan(
+        &store,
+        "EXPLAIN QUERY PLAN UPDATE tasks SET state = 'queued' WHERE run_id = 1 \
+         AND task_id = 'a' AND state = 'pending' AND try_number = 0 AND token IS NULL",
+    )
+    .await;
+    assert!(
+        plan.contains("PRIMARY KEY (run_id=? AND task_id=?)"),
+        "{plan}"
+    );
+}
+
 /// Lists 1,000-run pages of one analysis and state among 1,000,000 runs. Slow to set up, so run
 /// it on demand: `cargo test -p butler-providers --test it -- --ignored --nocapture`.
 #[tokio::test]
@@ -559,8 +893,12 @@ async fn listing_a_page_among_a_million_runs_takes_milliseconds() {
 // ---- helpers ----
 
 fn definition() -> butler_core::definition::Definition {
-    serde_json::from_value(json!({"tasks": [{"id": "align", "run": "align {{ config.sample }}"}]}))
-        .expect("definition")
+    serde_json::from_value(json!({"tasks": [
+        {"id": "align", "run": "align {{ config.sample }}"},
+        {"id": "call", "run": "call {{ config.sample }}", "needs": ["align"]},
+        {"id": "report", "run": "report", "needs": ["call"]}
+    ]}))
+    .expect("definition")
 }
 
 fn new_workflow(name: &str, config: Config) -> NewWorkflow {
@@ -609,6 +947,12 @@ fn new_runs(workflow: &Workflow, analysis: &Analysis, prefix: &str, n: usize) ->
         workflow_config_id: workflow.config_id,
         analysis_config_id: analysis.config_id,
         runs,
+        task_ids: workflow
+            .definition
+            .tasks
+            .iter()
+            .map(|t| t.id.clone())
+            .collect(),
         allow_duplicates: false,
     }
 }
@@ -640,6 +984,29 @@ async fn launch_named(
     store
         .create_runs(new_runs(workflow, analysis, &prefix, n))
         .await
+}
+
+/// A time `ms` milliseconds after the epoch.
+fn ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).expect("a time in range")
+}
+
+/// Where the task stands in the test definition.
+fn position(task: &TaskInstance) -> usize {
+    ["align", "call", "report"]
+        .iter()
+        .position(|id| *id == task.task_id)
+        .expect("a task of the definition")
+}
+
+/// Replace `from` (as read) with `new`.
+fn task_change(from: &TaskInstance, new: &TaskInstance) -> Change {
+    Change::Task(TaskChange {
+        expect: TaskExpect::of(from),
+        new: new.clone(),
+        by: "test".into(),
+        reason: format!("{} to {}", from.state, new.state),
+    })
 }
 
 async fn pragma(store: &SqliteStore, sql: &'static str) -> String {

@@ -1,0 +1,327 @@
+//! Engine scenarios: `noop`, `shell`, `latency` and `memory`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use butler_core::RunStore;
+use butler_core::definition::{Definition, Format};
+use butler_core::engine::{Engine, EngineOptions};
+use butler_core::executor::{Attempt, CancellationToken, DynExecutor, Executor, Finished, Outcome};
+use butler_core::model::{Id, RunFilter, RunStatus};
+use butler_core::queue::DynQueue;
+use butler_core::tracker::{RunSource, Tracker};
+use butler_providers::local::LocalExecutor;
+use butler_providers::sqlite::{SqliteQueue, SqliteStore};
+use serde_json::json;
+
+use super::{Args, median, open_store, secs};
+use crate::report::Figure;
+
+/// Completes every attempt at once, so only Butler's own work is measured; remembers when each
+/// attempt started and ended.
+#[derive(Debug, Default)]
+struct NoopExecutor {
+    marks: Mutex<HashMap<(Id, String), (Instant, Instant)>>,
+}
+
+#[async_trait]
+impl Executor for NoopExecutor {
+    async fn execute(
+        &self,
+        attempt: Attempt,
+        _cancel: CancellationToken,
+    ) -> butler_core::Result<Finished> {
+        let now = Instant::now();
+        if let Ok(mut marks) = self.marks.lock() {
+            marks.insert((attempt.run_id, attempt.task_id), (now, Instant::now()));
+        }
+        Ok(Finished {
+            outcome: Outcome::Exited { code: 0 },
+            log_path: attempt.workdir,
+            duration: Duration::ZERO,
+        })
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    home: std::path::PathBuf,
+    store: SqliteStore,
+    tracker: Tracker,
+    workflow: Id,
+    analysis: Id,
+}
+
+async fn setup(args: &Args, definition: &str) -> anyhow::Result<Setup> {
+    let dir = tempfile::tempdir()?;
+    let store = open_store(dir.path(), args.durability).await?;
+    let tracker = Tracker::new(Arc::new(store.clone()));
+    let definition = Definition::parse(definition, Format::Toml, "bench.toml")?;
+    let workflow = tracker
+        .create_workflow("bench", "1", json!({}), definition)
+        .await?;
+    let analysis = tracker
+        .create_analysis("bench", chrono::Utc::now().date_naive(), json!({}))
+        .await?;
+    Ok(Setup {
+        home: dir.path().to_path_buf(),
+        _dir: dir,
+        store,
+        tracker,
+        workflow: workflow.id,
+        analysis: analysis.id,
+    })
+}
+
+async fn launch(s: &Setup, count: usize) -> anyhow::Result<Vec<Id>> {
+    let sources = (0..count)
+        .map(|i| RunSource {
+            source: None,
+            config: json!({ "n": i }),
+        })
+        .collect();
+    Ok(s.tracker
+        .launch(s.workflow, s.analysis, sources, false)
+        .await?
+        .into_iter()
+        .map(|r| r.id)
+        .collect())
+}
+
+fn start(s: &Setup, executor: Arc<DynExecutor>, slots: usize) -> Engine {
+    let queue: Arc<DynQueue> = Arc::new(SqliteQueue::new(s.store.pool().clone()));
+    let options = EngineOptions::new(s.home.clone(), slots);
+    Engine::start(Arc::new(s.store.clone()), queue, executor, options)
+}
+
+async fn run_all(
+    s: &Setup,
+    executor: Arc<DynExecutor>,
+    slots: usize,
+    runs: &[Id],
+) -> anyhow::Result<f64> {
+    let begin = Instant::now();
+    let mut engine = start(s, executor, slots);
+    let finished = engine.wait_for(runs, |_| {}).await?;
+    let took = secs(begin);
+    engine.stop().await?;
+    let failed = finished
+        .iter()
+        .filter(|f| f.status != RunStatus::Completed)
+        .count();
+    anyhow::ensure!(failed == 0, "{failed} runs did not complete");
+    Ok(took)
+}
+
+/// Durable single-row commits per second on this disk, the unit cost a task pays without group
+/// commit.
+async fn commits_per_second(s: &Setup) -> anyhow::Result<f64> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_probe (id INTEGER PRIMARY KEY, v INTEGER)")
+        .execute(s.store.pool())
+        .await?;
+    let begin = Instant::now();
+    let mut n = 0;
+    while begin.elapsed() < Duration::from_secs(1) {
+        sqlx::query("INSERT INTO bench_probe (v) VALUES (?)")
+            .bind(n)
+            .execute(s.store.pool())
+            .await?;
+        n += 1;
+    }
+    Ok(n as f64 / secs(begin))
+}
+
+pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    let count = args.size.unwrap_or(10_000);
+    let s = setup(args, "[[tasks]]\nid = \"noop\"\nrun = \"true\"\n").await?;
+    let runs = launch(&s, count).await?;
+    let took = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs).await?;
+    let commits = commits_per_second(&s).await?;
+    Ok(vec![
+        Figure::new(
+            "noop",
+            format!(
+                "{count} no-op tasks (one-task runs), 2 slots, durability {:?}",
+                args.durability
+            ),
+            count as f64 / took,
+            "tasks/s",
+        )
+        .limit(commits, "single-row durable commits/s on this disk"),
+    ])
+}
+
+pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    let count = args.size.unwrap_or(1_000);
+    let s = setup(
+        args,
+        "[[tasks]]\nid = \"a\"\nrun = \"true\"\n[[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"true\"\n\
+         [[tasks]]\nid = \"c\"\nneeds = [\"b\"]\nrun = \"true\"\n",
+    )
+    .await?;
+    // The floor: the same processes spawned directly, two at a time.
+    let begin = Instant::now();
+    let spawned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut lanes = Vec::new();
+    for _ in 0..2 {
+        let spawned = spawned.clone();
+        lanes.push(tokio::spawn(async move {
+            while spawned.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < count * 3 {
+                tokio::process::Command::new("sh")
+                    .args(["-c", "true"])
+                    .status()
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for lane in lanes {
+        lane.await??;
+    }
+    let floor = secs(begin);
+    let runs = launch(&s, count).await?;
+    let took = run_all(&s, Arc::new(LocalExecutor::new()), 2, &runs).await?;
+    Ok(vec![
+        Figure::new(
+            "shell",
+            format!("{count} runs of a 3-task chain of `sh -c true`, 2 slots"),
+            took,
+            "s",
+        )
+        .limit(
+            floor,
+            format!("spawn {} `sh -c true` directly, two at a time", count * 3),
+        ),
+        Figure::new("shell", "makespan / spawn floor", took / floor, "x"),
+    ])
+}
+
+pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    let count = args.size.unwrap_or(200);
+    let s = setup(
+        args,
+        "[[tasks]]\nid = \"a\"\nrun = \"true\"\n[[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"true\"\n",
+    )
+    .await?;
+    let executor = Arc::new(NoopExecutor::default());
+    let mut engine = start(&s, executor.clone(), 2);
+    let mut runs = Vec::new();
+    // A light load: one run every 50 ms, 20 tasks/s.
+    for _ in 0..count {
+        runs.extend(launch(&s, 1).await?);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engine.wait_for(&runs, |_| {}).await?;
+    engine.stop().await?;
+    let marks = executor
+        .marks
+        .lock()
+        .map_err(|_| anyhow::anyhow!("marks poisoned"))?
+        .clone();
+    let mut samples = Vec::new();
+    for run in &runs {
+        let (Some((_, a_end)), Some((b_start, _))) = (
+            marks.get(&(*run, "a".to_owned())),
+            marks.get(&(*run, "b".to_owned())),
+        ) else {
+            anyhow::bail!("run {run} has no marks");
+        };
+        samples.push(b_start.duration_since(*a_end));
+    }
+    samples.sort_unstable();
+    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
+    let p50 = median(samples);
+    let commit = 1000.0 / commits_per_second(&s).await?;
+    Ok(vec![
+        Figure::new(
+            "latency",
+            format!("ready to started p50, durability {:?}", args.durability),
+            ms(p50),
+            "ms",
+        )
+        .limit(commit, "one durable single-row commit"),
+        Figure::new(
+            "latency",
+            format!("ready to started p99, durability {:?}", args.durability),
+            ms(p99),
+            "ms",
+        )
+        .limit(commit, "one durable single-row commit"),
+    ])
+}
+
+pub async fn memory(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    let count = args.size.unwrap_or(100_000);
+    let s = setup(args, "[[tasks]]\nid = \"a\"\nrun = \"true\"\n[[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"true\"\n").await?;
+    launch(&s, count).await?;
+    let before = rss_mb()?;
+    // A scheduler with no worker: every run is taken and its first task queued, none finishes.
+    let engine = start(&s, Arc::new(NoopExecutor::default()), 0);
+    let begin = Instant::now();
+    loop {
+        let ready = s
+            .store
+            .count_runs(s.analysis)
+            .await?
+            .get(&RunStatus::Ready)
+            .copied()
+            .unwrap_or(0);
+        if ready == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            begin.elapsed() < Duration::from_secs(600),
+            "runs were not all taken"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_mb()?;
+    let in_flight = s
+        .store
+        .list_runs(&RunFilter {
+            analysis_id: Some(s.analysis),
+            status: Some(RunStatus::Scheduled),
+            ..RunFilter::default()
+        })
+        .await?
+        .len()
+        + s.store
+            .list_runs(&RunFilter {
+                analysis_id: Some(s.analysis),
+                status: Some(RunStatus::InProgress),
+                ..RunFilter::default()
+            })
+            .await?
+            .len();
+    engine.stop().await?;
+    Ok(vec![
+        Figure::new(
+            "memory",
+            format!("process RSS with {in_flight} runs in flight"),
+            after,
+            "MB",
+        )
+        .limit(
+            before,
+            "RSS of the same process before the scheduler started",
+        ),
+        Figure::new("memory", "time to take every run", secs(begin), "s"),
+    ])
+}
+
+fn rss_mb() -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))?;
+    Ok(kb / 1024.0)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

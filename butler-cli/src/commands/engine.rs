@@ -1,0 +1,323 @@
+//! `launch-workflow --wait`, `wait`, `server` and `worker`: the engine inside this process.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::io::{self, IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use butler_core::engine::{Engine, EngineOptions, RunFinished, Stats};
+use butler_core::model::{Id, RunFilter, RunStatus};
+use butler_core::tracker::Tracker;
+use butler_providers::connect::Backends;
+use butler_providers::local::LocalExecutor;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
+
+use super::launch;
+use crate::opt::{LaunchWorkflow, Slots, Wait};
+use crate::output;
+use crate::settings::Settings;
+
+/// Failed runs named in the error of a wait; the rest are counted.
+const NAMED_FAILURES: usize = 5;
+
+/// Launches the runs, then executes them in this process when `--wait` is given.
+pub async fn launch_workflow(
+    settings: &Settings,
+    backends: &Backends,
+    tracker: &Tracker,
+    args: LaunchWorkflow,
+    out: &mut impl Write,
+) -> Result<()> {
+    let runs = launch::launch(tracker, &args, out).await?;
+    if !args.wait {
+        return Ok(());
+    }
+    out.flush()?;
+    let slots = settings.slots(args.slots);
+    run_to_the_end(settings, backends, &runs, slots).await
+}
+
+/// Executes every unfinished run matching the filter in this process until all have finished.
+pub async fn wait(settings: &Settings, backends: &Backends, args: Wait) -> Result<()> {
+    if let Some(id) = args.analysis {
+        backends.store.get_analysis(id).await?;
+    }
+    if let Some(id) = args.workflow {
+        backends.store.get_workflow(id).await?;
+    }
+    let mut runs = Vec::new();
+    for status in [
+        RunStatus::Ready,
+        RunStatus::Scheduled,
+        RunStatus::InProgress,
+    ] {
+        let filter = RunFilter {
+            workflow_id: args.workflow,
+            analysis_id: args.analysis,
+            status: Some(status),
+            after_id: None,
+            limit: None,
+        };
+        runs.extend(
+            backends
+                .store
+                .list_runs(&filter)
+                .await?
+                .iter()
+                .map(|r| r.id),
+        );
+    }
+    runs.sort_unstable();
+    if runs.is_empty() {
+        eprintln!("Nothing to wait for: no matching run is ready, scheduled or in progress");
+        return Ok(());
+    }
+    let slots = settings.slots(args.slots.slots);
+    eprintln!(
+        "Waiting for {} with {slots} worker {}",
+        runs_noun(runs.len()),
+        plural(slots, "slot", "slots")
+    );
+    run_to_the_end(settings, backends, &runs, slots).await
+}
+
+/// Schedules and executes runs until stopped by a signal.
+pub async fn server(settings: &Settings, backends: &Backends, args: Slots) -> Result<()> {
+    let slots = settings.slots(args.slots);
+    let options = EngineOptions::new(settings.home().to_path_buf(), slots);
+    eprintln!(
+        "Butler server {}: scheduling runs with {slots} worker {}; stop with Ctrl-C or SIGTERM",
+        options.name,
+        plural(slots, "slot", "slots")
+    );
+    serve(backends, options).await
+}
+
+/// Executes task attempts scheduled by another process until stopped by a signal.
+pub async fn worker(settings: &Settings, backends: &Backends, args: Slots) -> Result<()> {
+    let slots = settings.slots(args.slots);
+    if slots == 0 {
+        bail!("a worker with --slots 0 would run nothing; give --slots 1 or more");
+    }
+    let mut options = EngineOptions::new(settings.home().to_path_buf(), slots);
+    options.schedule = false;
+    eprintln!(
+        "Butler worker {}: running tasks in {slots} {}; stop with Ctrl-C or SIGTERM",
+        options.name,
+        plural(slots, "slot", "slots")
+    );
+    serve(backends, options).await
+}
+
+/// Runs an engine until a stop signal, then stops it; attempts still running are killed and
+/// left to their leases.
+async fn serve(backends: &Backends, options: EngineOptions) -> Result<()> {
+    let stop = stop_signal()?;
+    let mut engine = start(backends, options);
+    // A failed part has already been joined, so the engine is not stopped in order then: the
+    // rest ends with the process.
+    engine.run_until(stop).await.context("the engine stopped")?;
+    eprintln!("Stopping: attempts still running are put back when their leases end");
+    engine.stop().await?;
+    Ok(())
+}
+
+fn start(backends: &Backends, options: EngineOptions) -> Engine {
+    Engine::start(
+        backends.store.clone(),
+        backends.queue.clone(),
+        Arc::new(LocalExecutor::new()),
+        options,
+    )
+}
+
+/// Runs an embedded engine until every run in `runs` has finished, then prints a summary and
+/// fails unless every one completed.
+async fn run_to_the_end(
+    settings: &Settings,
+    backends: &Backends,
+    runs: &[Id],
+    slots: usize,
+) -> Result<()> {
+    let stop = stop_signal()?;
+    let started = Instant::now();
+    let mut options = EngineOptions::new(settings.home().to_path_buf(), slots);
+    // Drive only these runs: others are left to the processes that launched them.
+    options.only_runs = Some(Arc::new(runs.iter().copied().collect()));
+    let mut engine = start(backends, options);
+    let progress = Progress::new(runs.len(), engine.stats().clone());
+    let waited = tokio::select! {
+        done = engine.wait_for(runs, |done| progress.update(done)) => Some(done),
+        () = stop => None,
+    };
+    let finished = progress.finish();
+    let done = match waited {
+        Some(Ok(done)) => done,
+        Some(Err(err)) => {
+            return Err(err).context(
+                "the engine stopped; the runs are safe in the store: resume with `butler wait`",
+            );
+        }
+        None => {
+            engine.stop().await?;
+            bail!(
+                "interrupted with {} of {} runs finished; the rest are safe in the store: \
+                 resume with `butler wait`",
+                finished,
+                runs.len()
+            );
+        }
+    };
+    engine.stop().await?;
+    summarize(&done, started.elapsed())
+}
+
+/// Prints one line per status and fails naming the runs that did not complete.
+fn summarize(done: &[RunFinished], took: Duration) -> Result<()> {
+    let mut counts: BTreeMap<RunStatus, usize> = BTreeMap::new();
+    for run in done {
+        *counts.entry(run.status).or_default() += 1;
+    }
+    eprintln!(
+        "Finished {} in {}",
+        runs_noun(done.len()),
+        output::duration(took)
+    );
+    for (status, count) in &counts {
+        eprintln!("  {status}: {count}");
+    }
+    let mut failed: Vec<&RunFinished> = done
+        .iter()
+        .filter(|run| run.status != RunStatus::Completed)
+        .collect();
+    failed.sort_by_key(|run| run.run_id);
+    let Some(first) = failed.first().map(|run| run.run_id) else {
+        return Ok(());
+    };
+    let mut named: Vec<String> = failed
+        .iter()
+        .take(NAMED_FAILURES)
+        .map(|run| format!("run {} ({})", run.run_id, run.status))
+        .collect();
+    if failed.len() > NAMED_FAILURES {
+        named.push(format!("and {} more", failed.len() - NAMED_FAILURES));
+    }
+    bail!(
+        "{} of {} did not complete: {}; see why with `butler run-status -r {first}`",
+        failed.len(),
+        runs_noun(done.len()),
+        named.join(", ")
+    )
+}
+
+/// Resolves on SIGINT, SIGTERM or SIGHUP, so an interrupted command stops its attempts instead
+/// of leaving them running.
+fn stop_signal() -> Result<impl Future<Output = ()>> {
+    let listen = |kind: SignalKind, name: &str| {
+        signal(kind).with_context(|| format!("cannot listen for {name}"))
+    };
+    let mut interrupt = listen(SignalKind::interrupt(), "SIGINT")?;
+    let mut terminate = listen(SignalKind::terminate(), "SIGTERM")?;
+    let mut hangup = listen(SignalKind::hangup(), "SIGHUP")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+            _ = hangup.recv() => {}
+        }
+    })
+}
+
+/// A bar on stderr while runs execute: runs done of all, how many failed, tasks per second.
+/// Hidden when stderr is not a terminal.
+struct Progress {
+    bar: ProgressBar,
+    failed: Arc<AtomicU64>,
+    ticker: Option<JoinHandle<()>>,
+}
+
+impl Progress {
+    fn new(total: usize, stats: Arc<Stats>) -> Progress {
+        let failed = Arc::new(AtomicU64::new(0));
+        if !io::stderr().is_terminal() {
+            return Progress {
+                bar: ProgressBar::hidden(),
+                failed,
+                ticker: None,
+            };
+        }
+        let bar = ProgressBar::new(total as u64);
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} runs  {msg}  {elapsed}")
+        {
+            bar.set_style(style);
+        }
+        bar.set_message("0 failed  0.0 tasks/s");
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let ticker = tokio::spawn(show_rates(bar.clone(), failed.clone(), stats));
+        Progress {
+            bar,
+            failed,
+            ticker: Some(ticker),
+        }
+    }
+
+    fn update(&self, done: &[RunFinished]) {
+        let failed = done
+            .iter()
+            .filter(|run| run.status != RunStatus::Completed)
+            .count();
+        self.failed.store(failed as u64, Ordering::Relaxed);
+        self.bar.set_position(done.len() as u64);
+    }
+
+    /// Clears the bar and returns how many runs had finished.
+    fn finish(self) -> u64 {
+        if let Some(ticker) = self.ticker {
+            ticker.abort();
+        }
+        let position = self.bar.position();
+        self.bar.finish_and_clear();
+        position
+    }
+}
+
+/// Updates the bar's message twice a second with the failures and the task rate of the last
+/// few seconds.
+async fn show_rates(bar: ProgressBar, failed: Arc<AtomicU64>, stats: Arc<Stats>) {
+    const WINDOW: usize = 10;
+    let mut samples: VecDeque<(Instant, u64)> = VecDeque::with_capacity(WINDOW + 1);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let tasks = stats.tasks_finished.load(Ordering::Relaxed);
+        samples.push_back((now, tasks));
+        if samples.len() > WINDOW {
+            samples.pop_front();
+        }
+        let rate = match samples.front() {
+            Some((then, before)) if now > *then => {
+                tasks.saturating_sub(*before) as f64 / (now - *then).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        bar.set_message(format!(
+            "{} failed  {rate:.1} tasks/s",
+            failed.load(Ordering::Relaxed)
+        ));
+    }
+}
+
+fn runs_noun(count: usize) -> String {
+    format!("{count} {}", plural(count, "run", "runs"))
+}
+
+fn plural(count: usize, one: &'static str, many: &'static str) -> &'static str {
+    if count == 1 { one } else { many }
+}
