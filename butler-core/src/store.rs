@@ -62,6 +62,10 @@ pub trait RunStore: Send + Sync + Debug + 'static {
     /// The stored config with this id.
     async fn get_config(&self, id: Uuid) -> Result<Config>;
 
+    /// The stored configs with these ids, in any order; ids not stored are left out. One read
+    /// for a batch of attempts.
+    async fn get_configs(&self, ids: &[Uuid]) -> Result<Vec<Config>>;
+
     /// Creates the runs of one launch in state `ready`, in order, all or none, each with one
     /// `pending` task per id of `task_ids` (in that order).
     ///

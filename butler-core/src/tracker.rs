@@ -199,6 +199,7 @@ impl Tracker {
             let page = self
                 .store
                 .list_events(&EventFilter {
+                    not_by_suffix: None,
                     run_id: Some(run_id),
                     after: events.last().map_or(0, |e: &Event| e.id),
                     limit: 10_000,

@@ -38,22 +38,23 @@ pub struct Backends {
 /// by `queue_url`; without one, the queue lives in the store itself (a SQLite store's queue is
 /// in the same database file; a memory store's in memory). `memory://` is an in-process queue.
 pub async fn connect(store_url: &str, queue_url: Option<&str>) -> Result<Backends> {
-    let (store, own_queue) = open_store(store_url).await?;
+    let (store, own_queue) = open_store(store_url, "store").await?;
     let queue = match queue_url.map(str::trim) {
         None | Some("") => own_queue,
         Some(url) => match scheme(url).map(|s| s.to_ascii_lowercase()).as_deref() {
             Some("memory") => Arc::new(MemoryQueue::new()) as Arc<DynQueue>,
-            _ => open_store(url).await?.1,
+            _ => open_store(url, "queue").await?.1,
         },
     };
     Ok(Backends { store, queue })
 }
 
-async fn open_store(url: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
+/// Opens the backend at `url`; `what` (`store` or `queue`) names the URL in errors.
+async fn open_store(url: &str, what: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
     let url = url.trim();
     if url.is_empty() {
         return Err(Error::InvalidInput(format!(
-            "the store URL is empty; give one of: {STORE_FORMS}"
+            "the {what} URL is empty; give one of: {STORE_FORMS}"
         )));
     }
     let Some(scheme) = scheme(url) else {
@@ -70,13 +71,13 @@ async fn open_store(url: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
                 Arc::new(MemoryQueue::new()),
             )),
             _ => Err(Error::InvalidInput(format!(
-                "the store URL {url:?} has a path, but an in-memory store takes none; write \
+                "the {what} URL {url:?} has a path, but an in-memory {what} takes none; write \
                  memory://"
             ))),
         },
         "postgres" | "postgresql" => Err(not_compiled(url, "postgres")),
         _ => Err(Error::NotSupported(format!(
-            "unknown store URL scheme `{scheme}` in {url:?}; give one of: {STORE_FORMS}"
+            "unknown {what} URL scheme `{scheme}` in {url:?}; give one of: {STORE_FORMS}"
         ))),
     }
 }

@@ -75,8 +75,8 @@ async fn setup(args: &Args, definition: &str) -> anyhow::Result<Setup> {
     })
 }
 
-async fn launch(s: &Setup, count: usize) -> anyhow::Result<Vec<Id>> {
-    let sources = (0..count)
+async fn launch(s: &Setup, first: usize, count: usize) -> anyhow::Result<Vec<Id>> {
+    let sources = (first..first + count)
         .map(|i| RunSource {
             source: None,
             config: json!({ "n": i }),
@@ -136,10 +136,19 @@ async fn commits_per_second(s: &Setup) -> anyhow::Result<f64> {
 pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let count = args.size.unwrap_or(10_000);
     let s = setup(args, "[[tasks]]\nid = \"noop\"\nrun = \"true\"\n").await?;
-    let runs = launch(&s, count).await?;
+    let runs = launch(&s, 0, count).await?;
     let took = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs).await?;
     let commits = commits_per_second(&s).await?;
+    let (dead,): (i64,) = sqlx::query_as("SELECT count(*) FROM queue_dead")
+        .fetch_one(s.store.pool())
+        .await?;
     Ok(vec![
+        Figure::new(
+            "noop",
+            "messages dead-lettered (must be 0)",
+            dead as f64,
+            "messages",
+        ),
         Figure::new(
             "noop",
             format!(
@@ -181,7 +190,7 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
         lane.await??;
     }
     let floor = secs(begin);
-    let runs = launch(&s, count).await?;
+    let runs = launch(&s, 0, count).await?;
     let took = run_all(&s, Arc::new(LocalExecutor::new()), 2, &runs).await?;
     Ok(vec![
         Figure::new(
@@ -209,8 +218,8 @@ pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let mut engine = start(&s, executor.clone(), 2);
     let mut runs = Vec::new();
     // A light load: one run every 50 ms, 20 tasks/s.
-    for _ in 0..count {
-        runs.extend(launch(&s, 1).await?);
+    for i in 0..count {
+        runs.extend(launch(&s, i, 1).await?);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     engine.wait_for(&runs, |_| {}).await?;
@@ -255,7 +264,7 @@ pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
 pub async fn memory(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let count = args.size.unwrap_or(100_000);
     let s = setup(args, "[[tasks]]\nid = \"a\"\nrun = \"true\"\n[[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"true\"\n").await?;
-    launch(&s, count).await?;
+    launch(&s, 0, count).await?;
     let before = rss_mb()?;
     // A scheduler with no worker: every run is taken and its first task queued, none finishes.
     let engine = start(&s, Arc::new(NoopExecutor::default()), 0);
@@ -324,4 +333,50 @@ fn rss_mb() -> anyhow::Result<f64> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Temporary: the engine on the in-memory store and queue.
+pub async fn noop_memory(args: &Args) -> anyhow::Result<Vec<Figure>> {
+    let count = args.size.unwrap_or(10_000);
+    let store = Arc::new(butler_core::memory::MemoryRunStore::new());
+    let tracker = Tracker::new(store.clone());
+    let definition = Definition::parse(
+        "[[tasks]]\nid = \"noop\"\nrun = \"true\"\n",
+        Format::Toml,
+        "b.toml",
+    )?;
+    let w = tracker
+        .create_workflow("bench", "1", json!({}), definition)
+        .await?;
+    let a = tracker
+        .create_analysis("bench", chrono::Utc::now().date_naive(), json!({}))
+        .await?;
+    let sources = (0..count)
+        .map(|i| RunSource {
+            source: None,
+            config: json!({ "n": i }),
+        })
+        .collect();
+    let runs: Vec<Id> = tracker
+        .launch(w.id, a.id, sources, false)
+        .await?
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let begin = Instant::now();
+    let mut engine = Engine::start(
+        store,
+        Arc::new(butler_core::memory::MemoryQueue::new()),
+        Arc::new(NoopExecutor::default()),
+        EngineOptions::new(std::env::temp_dir(), 2),
+    );
+    engine.wait_for(&runs, |_| {}).await?;
+    let took = secs(begin);
+    engine.stop().await?;
+    Ok(vec![Figure::new(
+        "noop",
+        "memory",
+        count as f64 / took,
+        "tasks/s",
+    )])
 }

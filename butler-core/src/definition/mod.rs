@@ -58,8 +58,14 @@ pub struct Definition {
 pub struct TaskDef {
     /// Identifier, unique within the definition.
     pub id: String,
-    /// Shell command, a Jinja template rendered against the effective config as `config`.
+    /// Shell command, a Jinja template rendered against the effective config as `config`;
+    /// empty for a Python task.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub run: String,
+    /// A Python function to call instead of a command, as `module.path:function`; such tasks
+    /// are executed by Python workers (`python -m butler worker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<String>,
     /// Tasks that must succeed before this one starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub needs: Vec<String>,

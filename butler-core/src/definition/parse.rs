@@ -80,9 +80,7 @@ fn blame(document: &Value, source: &str, location: &str, message: &str) -> Error
             Some(id) => format!("task `{id}`"),
             None => format!("task #{}", i + 1),
         };
-        let detail = if task_message.starts_with("missing field `run`") {
-            " has no `run`; give it the shell command to execute".to_owned()
-        } else if task_message.starts_with("missing field `id`") {
+        let detail = if task_message.starts_with("missing field `id`") {
             " has no `id`; give every task a unique id of letters, digits, `_`, `.` and `-`"
                 .to_owned()
         } else {
@@ -91,6 +89,18 @@ fn blame(document: &Value, source: &str, location: &str, message: &str) -> Error
         return invalid(format!("{source}{location}: {label}{detail}"));
     }
     invalid(format!("{source}{location}: {message}"))
+}
+
+/// Whether `target` reads `module.path:function` with Python identifiers.
+fn is_python_target(target: &str) -> bool {
+    let identifier = |part: &str| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
+            && chars.all(|c| c.is_alphanumeric() || c == '_')
+    };
+    target
+        .split_once(':')
+        .is_some_and(|(module, function)| module.split('.').all(identifier) && identifier(function))
 }
 
 fn no_tasks(source: &str) -> Error {
@@ -188,10 +198,25 @@ fn check_task(task: &TaskDef, source: &str) -> Result<()> {
              letters, digits, `_`, `.` and `-` (and not `.` or `..` alone)"
         )));
     }
-    if task.run.trim().is_empty() {
-        return Err(invalid(format!(
-            "{source}: task `{id}` has an empty `run`; give it the shell command to execute"
-        )));
+    match (&task.python, task.run.trim().is_empty()) {
+        (None, true) => {
+            return Err(invalid(format!(
+                "{source}: task `{id}` has no `run` command (or an empty one); give it the shell \
+                 command to execute, or `python = \"module:function\"` for a Python function"
+            )));
+        }
+        (Some(_), false) => {
+            return Err(invalid(format!(
+                "{source}: task `{id}` has both `run` and `python`; keep the one it should execute"
+            )));
+        }
+        (Some(target), true) if !is_python_target(target) => {
+            return Err(invalid(format!(
+                "{source}: task `{id}` has `python = {target:?}`, which is not \
+                 `module.path:function`; write it like \"pipeline.steps:align\""
+            )));
+        }
+        _ => {}
     }
     if task.timeout == Some(Duration::ZERO) {
         return Err(invalid(format!(
@@ -467,17 +492,38 @@ mod tests {
     #[test]
     fn empty_run_is_rejected() {
         let msg = toml_error("[[tasks]]\nid = \"a\"\nrun = \"\"\n");
-        assert_contains(&msg, &["task `a` has an empty `run`"]);
+        assert_contains(&msg, &["task `a` has no `run` command (or an empty one)"]);
         let msg = toml_error("[[tasks]]\nid = \"a\"\nrun = \"  \\n\\t \"\n");
-        assert_contains(&msg, &["task `a` has an empty `run`"]);
+        assert_contains(&msg, &["task `a` has no `run` command (or an empty one)"]);
     }
 
     #[test]
     fn missing_run_is_rejected() {
         let msg = toml_error("[[tasks]]\nid = \"a\"\nrun = \"x\"\n[[tasks]]\nid = \"b\"\n");
-        assert_contains(&msg, &["task `b` has no `run`"]);
+        assert_contains(&msg, &["task `b` has no `run` command"]);
+    }
+
+    #[test]
+    fn missing_run_in_json_is_rejected() {
         let msg = json_error(r#"{"tasks": [{"id": "b"}]}"#);
-        assert_contains(&msg, &["task `b` has no `run`"]);
+        assert_contains(&msg, &["task `b` has no `run` command"]);
+    }
+
+    #[test]
+    fn python_tasks_name_a_function_instead_of_a_command() {
+        let ok = "[[tasks]]\nid = \"a\"\npython = \"pipeline.steps:align\"\n";
+        let def = Definition::parse(ok, Format::Toml, "wf.toml").unwrap();
+        assert_eq!(def.tasks[0].python.as_deref(), Some("pipeline.steps:align"));
+        let msg = toml_error("[[tasks]]\nid = \"a\"\nrun = \"x\"\npython = \"m:f\"\n");
+        assert_contains(&msg, &["task `a` has both `run` and `python`"]);
+        for bad in ["steps", "steps:", "1steps:f", "a..b:f", "a:b:c"] {
+            let msg = toml_error(&format!("[[tasks]]\nid = \"a\"\npython = {bad:?}\n"));
+            assert_contains(&msg, &["not `module.path:function`"]);
+        }
+    }
+
+    #[test]
+    fn missing_id_is_rejected() {
         let msg = json_error(r#"{"tasks": [{"run": "x"}]}"#);
         assert_contains(&msg, &["task #1 has no `id`"]);
     }

@@ -21,7 +21,7 @@ const IMPLICIT_VARS: &[&str] = &["loop", "self", "super", "caller", "varargs", "
 pub struct RenderedTask {
     /// The task's id.
     pub id: String,
-    /// The shell command to execute.
+    /// The shell command to execute, or for a Python task its `module:function`.
     pub command: String,
     /// The task's extra environment variables.
     pub env: BTreeMap<String, String>,
@@ -40,6 +40,7 @@ pub struct Renderer {
 struct TaskTemplates {
     id: String,
     run: String,
+    python: Option<String>,
     env: Vec<(String, String)>,
 }
 
@@ -88,7 +89,10 @@ impl Renderer {
         self.tasks
             .iter()
             .map(|task| {
-                let command = self.render_one(task, &task.run, Part::Run, &context, effective)?;
+                let command = match &task.python {
+                    Some(target) => target.clone(),
+                    None => self.render_one(task, &task.run, Part::Run, &context, effective)?,
+                };
                 let env = task
                     .env
                     .iter()
@@ -153,6 +157,7 @@ pub(super) fn compile(definition: &Definition, source: Option<&str>) -> Result<R
         tasks.push(TaskTemplates {
             id: task.id.clone(),
             run,
+            python: task.python.clone(),
             env: vars,
         });
     }

@@ -20,21 +20,27 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use batch::Batcher;
 
-use crate::change::ChangeSet;
+use crate::change::{Change, ChangeSet};
 use crate::error::{Error, Result};
 use crate::executor::DynExecutor;
-use crate::model::{Id, RunStatus};
+use crate::model::{Id, RunFilter, RunStatus};
 use crate::queue::DynQueue;
 use crate::store::DynRunStore;
 
 /// The queue that carries task attempts unless configured otherwise.
 pub const DEFAULT_TASK_QUEUE: &str = "butler.tasks";
+
+/// The queue of the Python tasks of workflows whose command tasks go to `queue`: Python
+/// workers take from it, command workers never do.
+pub fn python_queue(queue: &str) -> String {
+    format!("{queue}.python")
+}
 
 /// How an engine runs.
 #[derive(Debug, Clone)]
@@ -47,7 +53,8 @@ pub struct EngineOptions {
     pub slots: usize,
     /// Whether this process schedules (one scheduler per store).
     pub schedule: bool,
-    /// The queue of task attempts.
+    /// The queue of command tasks; Python tasks go to [`python_queue`] of it. A worker takes
+    /// from exactly this queue (a Python worker is given the Python queue).
     pub queue: String,
     /// A running attempt whose worker does not renew its lease for this long is put back.
     pub lease: Duration,
@@ -55,6 +62,9 @@ pub struct EngineOptions {
     pub poll: Duration,
     /// The most runs the scheduler keeps in flight.
     pub max_active_runs: usize,
+    /// Which engine of the process this is (set by [`Engine::start`]), so that two engines of
+    /// one process tell their changes apart.
+    instance: u64,
     /// Schedule only these runs (a `launch-workflow --wait` runs its own runs and leaves the
     /// rest to others); `None` schedules every run.
     pub only_runs: Option<Arc<HashSet<Id>>>,
@@ -73,7 +83,13 @@ impl EngineOptions {
             poll: Duration::from_millis(200),
             max_active_runs: 100_000,
             only_runs: None,
+            instance: 0,
         }
+    }
+
+    /// How this engine signs its changes in the event log, after `scheduler` or `worker`.
+    fn signature(&self) -> String {
+        format!("{} #{}", self.name, self.instance)
     }
 
     /// How often a running attempt renews its lease, which is also how soon a cancel reaches it.
@@ -115,18 +131,28 @@ impl Engine {
         store: Arc<DynRunStore>,
         queue: Arc<DynQueue>,
         executor: Arc<DynExecutor>,
-        options: EngineOptions,
+        mut options: EngineOptions,
     ) -> Self {
-        let wake = Arc::new(Notify::new());
+        static INSTANCES: AtomicU64 = AtomicU64::new(0);
+        options.instance = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let (touched_tx, touched) = mpsc::unbounded_channel();
         let commit_store = store.clone();
-        let commit_wake = wake.clone();
         let commits: Batcher<ChangeSet, bool> = Batcher::spawn(4096, move |sets| {
             let store = commit_store.clone();
-            let wake = commit_wake.clone();
+            let touched_tx = touched_tx.clone();
             async move {
-                let applied = store.apply(sets).await;
-                wake.notify_one();
-                applied
+                let by_workers: Vec<Option<Id>> = sets.iter().map(worker_run).collect();
+                let applied = store.apply(sets).await?;
+                let runs: Vec<Id> = by_workers
+                    .into_iter()
+                    .zip(&applied)
+                    .filter_map(|(run, ok)| run.filter(|_| *ok))
+                    .collect();
+                if !runs.is_empty() {
+                    // The scheduler may have stopped; then nobody needs to know.
+                    let _ = touched_tx.send(runs);
+                }
+                Ok(applied)
             }
         });
         let ack_queue = queue.clone();
@@ -143,7 +169,7 @@ impl Engine {
                 store.clone(),
                 queue.clone(),
                 commits.clone(),
-                wake,
+                touched,
                 finished.clone(),
                 options.clone(),
             );
@@ -190,6 +216,7 @@ impl Engine {
         self.collect_finished(&mut waiting, &mut done).await?;
         progress(&done);
         let mut check = tokio::time::interval(Duration::from_secs(2));
+        let mut seen_at_check = done.len();
         while !waiting.is_empty() {
             tokio::select! {
                 event = events.recv() => match event {
@@ -205,10 +232,14 @@ impl Engine {
                     }
                     Err(broadcast::error::RecvError::Closed) => {}
                 },
-                // Runs finished by another process's scheduler are seen in the store.
+                // Runs finished by another process's scheduler are seen in the store; while this
+                // process's scheduler keeps finishing runs, there is no need to look.
                 _ = check.tick() => {
-                    self.collect_finished(&mut waiting, &mut done).await?;
-                    progress(&done);
+                    if done.len() == seen_at_check {
+                        self.collect_finished(&mut waiting, &mut done).await?;
+                        progress(&done);
+                    }
+                    seen_at_check = done.len();
                 }
                 failed = wait_any(&mut self.tasks) => return Err(failed),
             }
@@ -221,15 +252,28 @@ impl Engine {
         waiting: &mut HashSet<Id>,
         done: &mut Vec<RunFinished>,
     ) -> Result<()> {
-        let ids: Vec<Id> = waiting.iter().copied().collect();
-        for id in ids {
-            let run = self.store.get_run(id).await?;
-            if run.status.is_finished() {
-                waiting.remove(&id);
-                done.push(RunFinished {
-                    run_id: id,
-                    status: run.status,
-                });
+        // One pass over the id range in pages, rather than one read per run.
+        let (Some(&first), Some(&last)) = (waiting.iter().min(), waiting.iter().max()) else {
+            return Ok(());
+        };
+        let mut after_id = Some(first - 1);
+        while let Some(after) = after_id.filter(|after| *after < last) {
+            let page = self
+                .store
+                .list_runs(&RunFilter {
+                    after_id: Some(after),
+                    limit: Some(10_000),
+                    ..RunFilter::default()
+                })
+                .await?;
+            after_id = page.last().map(|run| run.id);
+            for run in page {
+                if run.status.is_finished() && waiting.remove(&run.id) {
+                    done.push(RunFinished {
+                        run_id: run.id,
+                        status: run.status,
+                    });
+                }
             }
         }
         Ok(())
@@ -287,6 +331,14 @@ async fn futures_select_all(
         std::task::Poll::Pending
     })
     .await
+}
+
+/// The run whose task a worker's change set moves, if it is one (lease renewals are not).
+fn worker_run(set: &ChangeSet) -> Option<Id> {
+    set.iter().find_map(|change| match change {
+        Change::Task(task) if task.by.starts_with(worker::BY_PREFIX) => Some(task.new.run_id),
+        _ => None,
+    })
 }
 
 /// `HOST/PID` of this process.

@@ -21,9 +21,16 @@ pub struct TaskMessage {
     /// The attempt number the worker must find the task queued at.
     #[serde(rename = "try")]
     pub try_number: u32,
+    /// The run's workflow, so the worker need not read the run.
+    pub workflow: i64,
+    /// The run's effective config.
+    pub config: uuid::Uuid,
     /// How long the message stays invisible (a retry's backoff).
     #[serde(skip)]
     pub delay: Duration,
+    /// Whether it is a Python task, which goes to the Python workers' queue.
+    #[serde(skip)]
+    pub python: bool,
 }
 
 /// What the scheduler does for one run.
@@ -137,7 +144,10 @@ pub fn plan_run(
                     run: run.id,
                     task: new.task_id.clone(),
                     try_number: new.try_number,
+                    workflow: run.workflow_id,
+                    config: run.effective_config_id,
                     delay,
+                    python: def_task.python.is_some(),
                 });
             }
             push_task(&mut plan, &task, new.clone(), by, &reason);

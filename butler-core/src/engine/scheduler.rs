@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::batch::Batcher;
 use super::plan::{TaskMessage, plan_run, run_deadline};
-use super::{EngineOptions, RunFinished, retry, worker_is_gone};
+use super::{EngineOptions, RunFinished, python_queue, retry, worker_is_gone};
 use crate::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
 use crate::error::Result;
 use crate::model::{AnalysisRun, EventFilter, Id, RunFilter, RunStatus, TaskState, Workflow};
@@ -25,13 +25,14 @@ use crate::store::DynRunStore;
 const EVENT_PAGE: u32 = 10_000;
 const CLAIM_PAGE: usize = 1_000;
 /// How often to look for active runs that no live scheduler drives.
-const ADOPT_EVERY: chrono::Duration = chrono::Duration::seconds(5);
+const ADOPT_EVERY: chrono::Duration = chrono::Duration::seconds(30);
 
 pub(crate) struct Scheduler {
     pub store: Arc<DynRunStore>,
     pub queue: Arc<DynQueue>,
     pub commits: Batcher<ChangeSet, bool>,
-    pub wake: Arc<Notify>,
+    /// Runs whose tasks this process's workers changed.
+    pub touched: mpsc::UnboundedReceiver<Vec<Id>>,
     pub finished: broadcast::Sender<RunFinished>,
     pub options: EngineOptions,
     pub name: String,
@@ -47,16 +48,16 @@ impl Scheduler {
         store: Arc<DynRunStore>,
         queue: Arc<DynQueue>,
         commits: Batcher<ChangeSet, bool>,
-        wake: Arc<Notify>,
+        touched: mpsc::UnboundedReceiver<Vec<Id>>,
         finished: broadcast::Sender<RunFinished>,
         options: EngineOptions,
     ) -> Self {
-        let name = format!("scheduler {}", options.name);
+        let name = format!("scheduler {}", options.signature());
         Scheduler {
             store,
             queue,
             commits,
-            wake,
+            touched,
             finished,
             options,
             name,
@@ -76,10 +77,14 @@ impl Scheduler {
         let mut next_adopt = Utc::now() + ADOPT_EVERY;
         loop {
             let now = Utc::now();
-            let mut poll_now = self.read_events(&mut dirty).await?;
-            poll_now |= now >= next_poll;
-            if poll_now {
+            while let Ok(runs) = self.touched.try_recv() {
+                dirty.extend(runs.into_iter().filter(|id| self.active.contains_key(id)));
+            }
+            if now >= next_poll {
+                // Other processes' changes, new runs, and runs past their deadline.
+                self.read_events(&mut dirty).await?;
                 self.claim_ready(&mut dirty).await?;
+                self.past_deadline(now, &mut dirty);
                 next_poll = now + self.options.poll;
             }
             if now >= next_reap {
@@ -90,21 +95,7 @@ impl Scheduler {
                 dirty.extend(self.adopt().await?);
                 next_adopt = now + ADOPT_EVERY;
             }
-            let mut next_deadline = next_poll.min(next_reap).min(next_adopt);
-            for run in self.active.values() {
-                let Some(deadline) = self
-                    .workflows
-                    .get(&run.workflow_id)
-                    .and_then(|w| run_deadline(&w.definition, run))
-                else {
-                    continue;
-                };
-                if deadline <= now {
-                    dirty.insert(run.id);
-                } else {
-                    next_deadline = next_deadline.min(deadline);
-                }
-            }
+            let next_deadline = next_poll.min(next_reap).min(next_adopt);
             if !dirty.is_empty() {
                 dirty = self.advance(dirty).await?;
             }
@@ -117,9 +108,24 @@ impl Scheduler {
                 .unwrap_or(Duration::ZERO)
                 .max(Duration::from_millis(1));
             tokio::select! {
-                _ = self.wake.notified() => {}
+                runs = self.touched.recv() => {
+                    dirty.extend(runs.into_iter().flatten().filter(|id| self.active.contains_key(id)));
+                }
                 _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// Marks the runs past their run-level timeout.
+    fn past_deadline(&self, now: DateTime<Utc>, dirty: &mut HashSet<Id>) {
+        for run in self.active.values() {
+            let deadline = self
+                .workflows
+                .get(&run.workflow_id)
+                .and_then(|w| run_deadline(&w.definition, run));
+            if deadline.is_some_and(|d| d <= now) {
+                dirty.insert(run.id);
             }
         }
     }
@@ -147,12 +153,22 @@ impl Scheduler {
         let ids: Vec<Id> = dirty.iter().copied().collect();
         for chunk in ids.chunks(CLAIM_PAGE) {
             for task in self.store.list_tasks(chunk).await? {
-                if task.state == TaskState::Queued {
+                if task.state == TaskState::Queued
+                    && let Some(run) = self.active.get(&task.run_id)
+                {
+                    let python = self.workflows.get(&run.workflow_id).is_some_and(|w| {
+                        w.definition
+                            .task(&task.task_id)
+                            .is_some_and(|t| t.python.is_some())
+                    });
                     self.unsent.push(TaskMessage {
                         run: task.run_id,
                         task: task.task_id,
                         try_number: task.try_number,
+                        workflow: run.workflow_id,
+                        config: run.effective_config_id,
                         delay: Duration::ZERO,
+                        python,
                     });
                 }
             }
@@ -160,14 +176,15 @@ impl Scheduler {
         Ok(dirty)
     }
 
-    /// Marks runs that others changed as dirty; returns whether new runs may be ready.
-    async fn read_events(&mut self, dirty: &mut HashSet<Id>) -> Result<bool> {
-        let mut maybe_ready = false;
+    /// Marks the runs other processes changed as dirty (this process's own changes arrive on
+    /// `touched`).
+    async fn read_events(&mut self, dirty: &mut HashSet<Id>) -> Result<()> {
         loop {
             let events = self
                 .store
                 .list_events(&EventFilter {
                     run_id: None,
+                    not_by_suffix: Some(format!(" {}", self.options.signature())),
                     after: self.cursor,
                     limit: EVENT_PAGE,
                 })
@@ -185,14 +202,13 @@ impl Scheduler {
                     {
                         run.status = status;
                     }
-                    maybe_ready |= event.to == RunStatus::Ready.as_str();
                 }
                 if self.active.contains_key(&event.run_id) {
                     dirty.insert(event.run_id);
                 }
             }
             if !full {
-                return Ok(maybe_ready);
+                return Ok(());
             }
         }
     }
@@ -422,17 +438,28 @@ impl Scheduler {
         if self.unsent.is_empty() {
             return;
         }
-        let messages: Vec<NewMessage> = self
-            .unsent
-            .iter()
-            .map(|m| {
-                let payload = serde_json::to_vec(m).unwrap_or_default();
-                NewMessage::new(payload).with_delay(m.delay)
-            })
-            .collect();
-        match self.queue.enqueue(&self.options.queue, messages).await {
-            Ok(_) => self.unsent.clear(),
-            Err(err) => warn!(error = %err, "could not enqueue tasks; will try again"),
+        let (python, commands): (Vec<TaskMessage>, Vec<TaskMessage>) =
+            std::mem::take(&mut self.unsent)
+                .into_iter()
+                .partition(|m| m.python);
+        for (queue, batch) in [
+            (self.options.queue.clone(), commands),
+            (python_queue(&self.options.queue), python),
+        ] {
+            if batch.is_empty() {
+                continue;
+            }
+            let messages: Vec<NewMessage> = batch
+                .iter()
+                .map(|m| {
+                    let payload = serde_json::to_vec(m).unwrap_or_default();
+                    NewMessage::new(payload).with_delay(m.delay)
+                })
+                .collect();
+            if let Err(err) = self.queue.enqueue(&queue, messages).await {
+                warn!(error = %err, queue = %queue, "could not enqueue tasks; will try again");
+                self.unsent.extend(batch);
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -26,10 +26,23 @@ use crate::model::{Id, TaskInstance, TaskState, Workflow};
 use crate::queue::{Delivery, DeliveryTag, DynQueue};
 use crate::store::DynRunStore;
 
+/// How a worker's changes are signed in the event log, before the process name.
+pub(crate) const BY_PREFIX: &str = "worker ";
+
 /// Attempts a worker takes at once when they are short: enough to fill a group commit.
 const MAX_PREFETCH_PER_SLOT: usize = 64;
+/// Effective configs a worker keeps, so the tasks of one run read it once.
+const CONFIG_CACHE: usize = 4096;
 /// Prefetch aims to keep one batch of attempts under this long.
 const PREFETCH_HORIZON: Duration = Duration::from_millis(20);
+
+/// An attempt this worker won, with what it needs to run it.
+struct Claimed {
+    task: TaskInstance,
+    workflow: Id,
+    config: uuid::Uuid,
+    tag: DeliveryTag,
+}
 
 pub(crate) struct Worker {
     pub store: Arc<DynRunStore>,
@@ -41,6 +54,7 @@ pub(crate) struct Worker {
     pub stats: Arc<Stats>,
     pub name: String,
     workflows: Mutex<WorkflowCache>,
+    configs: Mutex<HashMap<uuid::Uuid, Arc<serde_json::Value>>>,
     /// Mean attempt duration in microseconds, smoothed.
     mean_micros: AtomicU64,
 }
@@ -55,7 +69,7 @@ impl Worker {
         options: EngineOptions,
         stats: Arc<Stats>,
     ) -> Self {
-        let name = format!("worker {}", options.name);
+        let name = format!("{BY_PREFIX}{}", options.signature());
         Worker {
             store,
             queue,
@@ -66,6 +80,7 @@ impl Worker {
             stats,
             name,
             workflows: Mutex::new(HashMap::new()),
+            configs: Mutex::new(HashMap::new()),
             mean_micros: AtomicU64::new(PREFETCH_HORIZON.as_micros() as u64),
         }
     }
@@ -164,14 +179,16 @@ impl Worker {
                         by: self.name.clone(),
                         reason: format!("attempt {} started", new.try_number),
                     })]);
-                    claims.push((new, tag));
+                    claims.push((new, message.workflow, message.config, tag));
                 }
                 // The task moved on (a duplicate message, a cancelled run): nothing to do.
                 _ => stale.push(tag),
             }
         }
         let won = self.commits.submit(sets).await?;
-        for ((task, tag), ok) in claims.into_iter().zip(won) {
+        self.prefetch_configs(claims.iter().map(|(_, _, config, _)| *config))
+            .await?;
+        for ((task, workflow, config, tag), ok) in claims.into_iter().zip(won) {
             if !ok {
                 stale.push(tag);
                 continue;
@@ -183,8 +200,13 @@ impl Worker {
             let worker = self.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                if let Err(err) = worker.attempt(task, tag, shutdown).await {
+                let attempt = Claimed {
+                    task,
+                    workflow,
+                    config,
+                    tag,
+                };
+                if let Err(err) = worker.attempt(attempt, permit, shutdown).await {
                     warn!(error = %err, "attempt could not be recorded; its lease will expire");
                 }
             });
@@ -206,23 +228,72 @@ impl Worker {
         Ok(entry)
     }
 
+    /// Reads the effective configs of a batch of attempts in one go.
+    async fn prefetch_configs(&self, ids: impl Iterator<Item = uuid::Uuid>) -> Result<()> {
+        let missing: Vec<uuid::Uuid> = {
+            let configs = self.lock_configs();
+            ids.filter(|id| !configs.contains_key(id)).collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let found = self.store.get_configs(&missing).await?;
+        let mut configs = self.lock_configs();
+        if configs.len() + found.len() > CONFIG_CACHE {
+            configs.clear();
+        }
+        for config in found {
+            configs.insert(config.id, Arc::new(config.data));
+        }
+        Ok(())
+    }
+
+    /// The effective config `id`, read once for all the tasks of its run.
+    async fn config(&self, id: uuid::Uuid) -> Result<Arc<serde_json::Value>> {
+        if let Some(found) = self.lock_configs().get(&id) {
+            return Ok(found.clone());
+        }
+        let config = Arc::new(self.store.get_config(id).await?.data);
+        let mut configs = self.lock_configs();
+        if configs.len() >= CONFIG_CACHE {
+            configs.clear();
+        }
+        configs.insert(id, config.clone());
+        Ok(config)
+    }
+
+    fn lock_configs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Arc<serde_json::Value>>> {
+        self.configs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn lock_workflows(&self) -> std::sync::MutexGuard<'_, WorkflowCache> {
         self.workflows
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs one claimed attempt to its end and records the outcome.
+    /// Runs one claimed attempt to its end in the slot `permit` holds, frees the slot, and
+    /// records the outcome (the slot does not wait for the commit: recording many outcomes
+    /// together is what makes group commit pay).
     async fn attempt(
         self: Arc<Self>,
-        task: TaskInstance,
-        tag: DeliveryTag,
+        claimed: Claimed,
+        permit: OwnedSemaphorePermit,
         shutdown: CancellationToken,
     ) -> Result<()> {
-        let started = Instant::now();
+        let Claimed {
+            task,
+            workflow,
+            config,
+            tag,
+        } = claimed;
         let token = task.token.unwrap_or_default();
-        let run = self.store.get_run(task.run_id).await?;
-        let (workflow, renderer) = self.workflow(run.workflow_id).await?;
+        let run_id = task.run_id;
+        let (workflow, renderer) = self.workflow(workflow).await?;
         let def = workflow
             .definition
             .task(&task.task_id)
@@ -230,10 +301,10 @@ impl Worker {
             .ok_or_else(|| {
                 Error::not_found(
                     crate::Kind::Task,
-                    format!("{} of run {}", task.task_id, run.id),
+                    format!("{} of run {run_id}", task.task_id),
                 )
             })?;
-        let config = self.store.get_config(run.effective_config_id).await?.data;
+        let config = self.config(config).await?;
 
         let cancel = CancellationToken::new();
         let lost = CancellationToken::new();
@@ -242,6 +313,7 @@ impl Worker {
                 self.clone()
                     .heartbeat(&task, token, tag, cancel.clone(), lost.clone()),
             );
+        let started = Instant::now();
         let execution = async {
             match renderer.render(&config) {
                 Err(err) => Finished {
@@ -255,18 +327,18 @@ impl Worker {
                     let rendered = rendered.into_iter().find(|r| r.id == task.task_id);
                     let (command, env) = rendered.map(|r| (r.command, r.env)).unwrap_or_default();
                     let attempt = Attempt {
-                        run_id: run.id,
+                        run_id,
                         task_id: task.task_id.clone(),
                         try_number: task.try_number,
                         command,
                         env,
                         workdir: attempt_dir(
                             &self.options.home,
-                            run.id,
+                            run_id,
                             &task.task_id,
                             task.try_number,
                         ),
-                        config: config.clone(),
+                        config: (*config).clone(),
                         timeout: def.timeout,
                     };
                     match self.executor.execute(attempt, cancel.clone()).await {
@@ -287,14 +359,25 @@ impl Worker {
             _ = shutdown.cancelled() => None,
         };
         heartbeat.abort();
+        drop(permit);
         let Some(finished) = finished else {
-            // Leave the attempt to its lease: whoever runs next retries it.
+            // Shutting down: kill the attempt and give the task back at once rather than at the
+            // end of its lease. If the process ends first, the lease still brings it back.
             cancel.cancel();
+            let new = retry::after_lost_lease(&task, Utc::now());
+            self.commits
+                .submit(vec![vec![Change::Task(TaskChange {
+                    expect: TaskExpect::of(&task),
+                    new,
+                    by: self.name.clone(),
+                    reason: "the worker stopped; the attempt is given back".to_owned(),
+                })]])
+                .await?;
             return Ok(());
         };
         self.observe(started.elapsed());
         if lost.is_cancelled() {
-            info!(run = run.id, task = %task.task_id, "attempt stopped: the task is no longer this worker's");
+            info!(run = run_id, task = %task.task_id, "attempt stopped: the task is no longer this worker's");
             self.acks.submit(vec![tag]).await?;
             return Ok(());
         }
@@ -322,7 +405,7 @@ impl Worker {
             .await?;
         if recorded.first() != Some(&true) {
             warn!(
-                run = run.id,
+                run = run_id,
                 task = %task.task_id,
                 try_number = task.try_number,
                 "result refused: the attempt's lease was lost and the task moved on"

@@ -300,6 +300,14 @@ impl RunStore for MemoryRunStore {
             .ok_or_else(|| Error::not_found(Kind::Config, id))
     }
 
+    async fn get_configs(&self, ids: &[Uuid]) -> Result<Vec<Config>> {
+        let inner = self.lock();
+        Ok(ids
+            .iter()
+            .filter_map(|id| inner.configs.get(id).cloned())
+            .collect())
+    }
+
     async fn create_runs(&self, launch: NewRuns) -> Result<Vec<AnalysisRun>> {
         check_task_ids(&launch.task_ids)?;
         let mut inner = self.lock();
@@ -472,6 +480,12 @@ impl RunStore for MemoryRunStore {
         Ok(inner.events[start..]
             .iter()
             .filter(|event| filter.run_id.is_none_or(|run| event.run_id == run))
+            .filter(|event| {
+                filter
+                    .not_by_suffix
+                    .as_deref()
+                    .is_none_or(|suffix| !event.by.ends_with(suffix))
+            })
             .take(limit)
             .cloned()
             .collect())
@@ -536,6 +550,7 @@ mod tests {
         let store = MemoryRunStore::new();
         assert_eq!(store.last_event_id().await.expect("last"), 0);
         let filter = EventFilter {
+            not_by_suffix: None,
             run_id: None,
             after: 0,
             limit: 10,

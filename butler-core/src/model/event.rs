@@ -29,6 +29,8 @@ pub struct Event {
 /// Which events [`crate::RunStore::list_events`] returns, ordered by id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventFilter {
+    /// Leave out events whose `by` ends with this: a process skips its own changes by its name.
+    pub not_by_suffix: Option<String>,
     /// Only events of this run.
     pub run_id: Option<Id>,
     /// Only events with an id greater than this.

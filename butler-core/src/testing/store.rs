@@ -30,6 +30,7 @@ pub async fn run_all(store: &dyn RunStore) {
     analyses_are_created_read_and_listed(store).await;
     set_config_keeps_launched_layers(store).await;
     set_config_of_missing_owner_stores_nothing(store).await;
+    configs_are_read_in_batches(store).await;
     create_runs_stores_effective_configs(store).await;
     create_runs_of_an_empty_launch_creates_nothing(store).await;
     create_runs_is_all_or_nothing(store).await;
@@ -49,6 +50,26 @@ pub async fn run_all(store: &dyn RunStore) {
     events_record_every_change_in_order(store).await;
     last_event_id_is_the_newest_event(store).await;
     expired_leases_are_running_tasks_with_past_leases(store).await;
+}
+
+/// `get_configs` returns every stored config asked for, whole, and leaves out unknown ids.
+pub async fn configs_are_read_in_batches(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "get-configs").await;
+    let mut got = store
+        .get_configs(&[workflow.config_id, Uuid::new_v4(), analysis.config_id])
+        .await
+        .expect("get_configs");
+    got.sort_by_key(|c| c.id);
+    let mut want = vec![
+        store.get_config(workflow.config_id).await.expect("config"),
+        store.get_config(analysis.config_id).await.expect("config"),
+    ];
+    want.sort_by_key(|c| c.id);
+    assert_eq!(
+        got, want,
+        "both stored configs, and nothing for the unknown id"
+    );
+    assert!(store.get_configs(&[]).await.expect("no ids").is_empty());
 }
 
 /// Workflows come back as created, their config layer is stored, and the list is ordered by id.
@@ -1277,6 +1298,7 @@ pub async fn events_record_every_change_in_order(store: &dyn RunStore) {
 
     let all = store
         .list_events(&EventFilter {
+            not_by_suffix: None,
             run_id: None,
             after: cursor,
             limit: u32::MAX,
@@ -1358,6 +1380,7 @@ pub async fn events_record_every_change_in_order(store: &dyn RunStore) {
     }
 
     let of_a = |after, limit| EventFilter {
+        not_by_suffix: None,
         run_id: Some(a.id),
         after,
         limit,
@@ -1400,6 +1423,7 @@ pub async fn events_record_every_change_in_order(store: &dyn RunStore) {
     assert!(
         store
             .list_events(&EventFilter {
+                not_by_suffix: None,
                 run_id: Some(MISSING_ID),
                 after: 0,
                 limit: 10,
@@ -1780,6 +1804,7 @@ async fn task_of(store: &dyn RunStore, run_id: Id, task_id: &str) -> TaskInstanc
 async fn events_after(store: &dyn RunStore, run_id: Id, cursor: Id) -> Vec<Event> {
     store
         .list_events(&EventFilter {
+            not_by_suffix: None,
             run_id: Some(run_id),
             after: cursor,
             limit: u32::MAX,

@@ -461,6 +461,33 @@ impl RunStore for SqliteStore {
         decode().map_err(|e| self.corrupt(&format!("config {id}"), e))
     }
 
+    async fn get_configs(&self, ids: &[Uuid]) -> Result<Vec<Config>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids_json = serde_json::to_string(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>())
+            .map_err(|e| Error::backend("encode config ids", e))?;
+        let rows = sqlx::query(
+            "SELECT id, data, sha256 FROM configs WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ids_json)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.fail(&format!("read {} configs", ids.len()), e))?;
+        rows.iter()
+            .map(|row| {
+                let decode = || -> Decoded<Config> {
+                    Ok(Config {
+                        id: row.try_get::<&str, _>(0)?.parse()?,
+                        data: serde_json::from_str(row.try_get::<&str, _>(1)?)?,
+                        sha256: row.try_get(2)?,
+                    })
+                };
+                decode().map_err(|e| self.corrupt("a config", e))
+            })
+            .collect()
+    }
+
     async fn create_runs(&self, launch: NewRuns) -> Result<Vec<AnalysisRun>> {
         let doing = format!(
             "launch {} run(s) of workflow {} for analysis {}",

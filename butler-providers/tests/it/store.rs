@@ -560,6 +560,7 @@ async fn engine_changes_are_seen_by_a_second_store_on_the_same_file() {
     );
     let events = second
         .list_events(&EventFilter {
+            not_by_suffix: None,
             run_id: Some(run.id),
             after: 0,
             limit: 10,
@@ -659,6 +660,7 @@ async fn apply_takes_a_thousand_sets_in_one_call() {
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
     let logged = store
         .list_events(&EventFilter {
+            not_by_suffix: None,
             run_id: None,
             after: cursor,
             limit: 5_000,
@@ -730,6 +732,7 @@ async fn apply_takes_a_thousand_sets_in_one_call() {
     assert_eq!(running, 750, "a refused set leaves its task queued");
     let events = store
         .list_events(&EventFilter {
+            not_by_suffix: None,
             run_id: None,
             after: cursor,
             limit: 5_000,

@@ -1,9 +1,11 @@
 //! The engine's tables: task instances, compare-and-set change batches and the event log.
 
+mod apply;
+
 use std::collections::HashSet;
 
-use butler_core::change::{Change, ChangeSet, LeaseChange, RunChange, TaskChange};
-use butler_core::model::{Event, EventFilter, Id, RunStatus, TaskInstance, TaskState};
+use butler_core::change::ChangeSet;
+use butler_core::model::{Event, EventFilter, Id, TaskInstance, TaskState};
 use butler_core::{Error, Result};
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
@@ -20,34 +22,6 @@ const TASK_COLUMNS: &str = "run_id, task_id, state, try_number, failures, token,
 const EVENT_COLUMNS: &str =
     "id, at, run_id, task_id, try_number, from_state, to_state, by_whom, reason";
 
-/// A task change: the whole row, if the task is still as expected.
-const UPDATE_TASK: &str = "UPDATE tasks SET state = ?, try_number = ?, failures = ?, token = ?, \
-                           lease_until = ?, worker = ?, queued_at = ?, first_started_at = ?, \
-                           started_at = ?, ended_at = ?, next_try_at = ?, exit_code = ?, error = ? \
-                           WHERE run_id = ? AND task_id = ? AND state = ? AND try_number = ? \
-                           AND token IS ?";
-
-/// A run change to any status but `ready`.
-const UPDATE_RUN: &str = "UPDATE runs SET status = ?, error = ?, \
-                          started_at = coalesce(?, started_at), ended_at = ? \
-                          WHERE id = ? AND status = ?";
-
-/// A run change back to `ready`, which starts the run afresh.
-const RESET_RUN: &str = "UPDATE runs SET status = 'ready', error = NULL, started_at = NULL, \
-                         ended_at = NULL WHERE id = ? AND status = ?";
-
-/// A lease change.
-const EXTEND_LEASE: &str = "UPDATE tasks SET lease_until = ? \
-                            WHERE run_id = ? AND task_id = ? AND state = 'running' AND token = ?";
-
-/// The events of one `apply`, from a JSON array of `[run_id, task_id, try_number, from, to,
-/// by, reason]` arrays: one statement whatever their number, so it is prepared once.
-const INSERT_EVENTS: &str = "INSERT INTO events \
-                             (at, run_id, task_id, try_number, from_state, to_state, by_whom, reason) \
-                             SELECT ?, e.value ->> 0, e.value ->> 1, e.value ->> 2, e.value ->> 3, \
-                             e.value ->> 4, e.value ->> 5, e.value ->> 6 \
-                             FROM json_each(?) AS e ORDER BY e.key";
-
 /// The tasks of a launch: every task of a JSON array of ids for each run id from the first to
 /// the last.
 const INSERT_TASKS: &str = "WITH RECURSIVE ids (id) AS \
@@ -55,50 +29,19 @@ const INSERT_TASKS: &str = "WITH RECURSIVE ids (id) AS \
                             INSERT INTO tasks (run_id, task_id, position) \
                             SELECT ids.id, t.value, t.key FROM ids, json_each(?) AS t";
 
-/// Savepoint around a set of several changes, so that a refused change undoes the set's others.
-const SAVEPOINT: &str = "SAVEPOINT change_set";
-const RELEASE: &str = "RELEASE change_set";
-const ROLLBACK: &str = "ROLLBACK TO change_set";
-
-/// One event to log: `(run_id, task_id, try_number, from, to, by, reason)`.
-type NewEvent<'a> = (
-    Id,
-    Option<&'a str>,
-    Option<u32>,
-    &'static str,
-    &'static str,
-    &'a str,
-    &'a str,
-);
-
 impl SqliteStore {
-    /// [`butler_core::RunStore::apply`]: every set in one `BEGIN IMMEDIATE` transaction.
+    /// [`butler_core::RunStore::apply`]: every set in one `BEGIN IMMEDIATE` transaction of a
+    /// few statements, however many sets there are.
     pub(super) async fn apply_sets(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>> {
-        if sets.is_empty() {
-            return Ok(Vec::new());
-        }
         let changes: usize = sets.iter().map(Vec::len).sum();
+        if changes == 0 {
+            // Empty sets apply, and change nothing.
+            return Ok(vec![true; sets.len()]);
+        }
         let doing = format!("apply {changes} change(s) in {} set(s)", sets.len());
         let at = now_ms();
         let mut tx = self.begin_write(&doing).await?;
-        let mut applied = Vec::with_capacity(sets.len());
-        let mut events = Vec::with_capacity(changes);
-        for set in &sets {
-            let ok = apply_set(&mut tx, set, &mut events)
-                .await
-                .map_err(|e| self.fail(&doing, e))?;
-            applied.push(ok);
-        }
-        if !events.is_empty() {
-            let json = serde_json::to_string(&events)
-                .map_err(|e| Error::backend(format!("cannot {doing}: bad event"), e))?;
-            sqlx::query(INSERT_EVENTS)
-                .bind(at)
-                .bind(json)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.fail(&doing, e))?;
-        }
+        let applied = apply::apply(self, &mut tx, &sets, at, &doing).await?;
         self.commit(tx, &doing).await?;
         Ok(applied)
     }
@@ -146,19 +89,26 @@ impl SqliteStore {
     /// [`butler_core::RunStore::list_events`].
     pub(super) async fn select_events(&self, filter: &EventFilter) -> Result<Vec<Event>> {
         let limit = i64::from(filter.limit);
+        // `?2 IS NULL OR …` keeps one statement, cached, for both forms of the filter.
+        let not_by = "(?2 IS NULL OR substr(by_whom, -length(?2)) IS NOT ?2)";
         let query = match filter.run_id {
             Some(run_id) => sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? AND id > ? \
-                 ORDER BY id LIMIT ?"
+                "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 AND {not_by} \
+                 AND run_id = ?4 ORDER BY id LIMIT ?3"
             )))
+            .bind(filter.after)
+            .bind(filter.not_by_suffix.as_deref())
+            .bind(limit)
             .bind(run_id),
             None => sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?"
-            ))),
+                "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 AND {not_by} \
+                 ORDER BY id LIMIT ?3"
+            )))
+            .bind(filter.after)
+            .bind(filter.not_by_suffix.as_deref())
+            .bind(limit),
         };
         let rows = query
-            .bind(filter.after)
-            .bind(limit)
             .fetch_all(&self.pool)
             .await
             .map_err(|e| self.fail("list events", e))?;
@@ -220,144 +170,6 @@ pub(super) async fn insert_tasks(
     Ok(())
 }
 
-/// Applies one set, all or none, noting the events of its changes if it applied.
-async fn apply_set<'a>(
-    conn: &mut SqliteConnection,
-    set: &'a [Change],
-    events: &mut Vec<NewEvent<'a>>,
-) -> std::result::Result<bool, sqlx::Error> {
-    match set {
-        [] => Ok(true),
-        // A refused single change wrote nothing, so it needs no savepoint: the common case
-        // costs one statement.
-        [change] => {
-            let ok = apply_change(conn, change).await?;
-            if ok {
-                events.extend(event_of(change));
-            }
-            Ok(ok)
-        }
-        _ => {
-            sqlx::query(SAVEPOINT).execute(&mut *conn).await?;
-            let mark = events.len();
-            for change in set {
-                if !apply_change(conn, change).await? {
-                    sqlx::query(ROLLBACK).execute(&mut *conn).await?;
-                    sqlx::query(RELEASE).execute(&mut *conn).await?;
-                    events.truncate(mark);
-                    return Ok(false);
-                }
-                events.extend(event_of(change));
-            }
-            sqlx::query(RELEASE).execute(&mut *conn).await?;
-            Ok(true)
-        }
-    }
-}
-
-/// Applies one change if its compare-and-set holds; the answer says whether it did.
-async fn apply_change(
-    conn: &mut SqliteConnection,
-    change: &Change,
-) -> std::result::Result<bool, sqlx::Error> {
-    let done = match change {
-        Change::Task(TaskChange { expect, new, .. }) => {
-            let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
-            sqlx::query(UPDATE_TASK)
-                .bind(new.state.as_str())
-                .bind(i64::from(new.try_number))
-                .bind(i64::from(new.failures))
-                .bind(new.token)
-                .bind(ms(new.lease_until))
-                .bind(new.worker.as_deref())
-                .bind(ms(new.queued_at))
-                .bind(ms(new.first_started_at))
-                .bind(ms(new.started_at))
-                .bind(ms(new.ended_at))
-                .bind(ms(new.next_try_at))
-                .bind(new.exit_code)
-                .bind(new.error.as_deref())
-                .bind(new.run_id)
-                .bind(new.task_id.as_str())
-                .bind(expect.state.as_str())
-                .bind(i64::from(expect.try_number))
-                .bind(expect.token)
-                .execute(conn)
-                .await?
-        }
-        Change::Run(change) if change.status == RunStatus::Ready => {
-            sqlx::query(RESET_RUN)
-                .bind(change.run_id)
-                .bind(change.expect.as_str())
-                .execute(conn)
-                .await?
-        }
-        Change::Run(change) => {
-            sqlx::query(UPDATE_RUN)
-                .bind(change.status.as_str())
-                .bind(change.error.as_deref())
-                .bind(change.started_at.map(|t| t.timestamp_millis()))
-                .bind(change.ended_at.map(|t| t.timestamp_millis()))
-                .bind(change.run_id)
-                .bind(change.expect.as_str())
-                .execute(conn)
-                .await?
-        }
-        Change::Lease(LeaseChange {
-            run_id,
-            task_id,
-            token,
-            until,
-        }) => {
-            sqlx::query(EXTEND_LEASE)
-                .bind(until.timestamp_millis())
-                .bind(*run_id)
-                .bind(task_id.as_str())
-                .bind(*token)
-                .execute(conn)
-                .await?
-        }
-    };
-    Ok(done.rows_affected() == 1)
-}
-
-/// The event an applied change logs; lease changes log none.
-fn event_of(change: &Change) -> Option<NewEvent<'_>> {
-    match change {
-        Change::Task(TaskChange {
-            expect,
-            new,
-            by,
-            reason,
-        }) => Some((
-            new.run_id,
-            Some(new.task_id.as_str()),
-            Some(new.try_number),
-            expect.state.as_str(),
-            new.state.as_str(),
-            by.as_str(),
-            reason.as_str(),
-        )),
-        Change::Run(RunChange {
-            run_id,
-            expect,
-            status,
-            by,
-            reason,
-            ..
-        }) => Some((
-            *run_id,
-            None,
-            None,
-            expect.as_str(),
-            status.as_str(),
-            by.as_str(),
-            reason.as_str(),
-        )),
-        Change::Lease(_) => None,
-    }
-}
-
 /// Reads a row selected with [`TASK_COLUMNS`].
 fn task_from_row(row: &SqliteRow) -> Decoded<TaskInstance> {
     let count =
@@ -411,16 +223,5 @@ mod tests {
             .expect_err("a repeated id")
             .to_string();
         assert!(err.contains("\"a\" twice"), "{err}");
-    }
-
-    #[test]
-    fn lease_changes_log_no_event() {
-        let lease = Change::Lease(LeaseChange {
-            run_id: 1,
-            task_id: "a".into(),
-            token: 1,
-            until: Utc::now(),
-        });
-        assert_eq!(event_of(&lease), None);
     }
 }
