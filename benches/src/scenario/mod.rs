@@ -64,7 +64,6 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Figure>> {
     match args.scenario {
         Scenario::Launch => launch::run(args).await,
         Scenario::List => list::run(args).await,
-        Scenario::Noop if std::env::var("BENCH_MEMORY").is_ok() => engine::noop_memory(args).await,
         Scenario::Noop => engine::noop(args).await,
         Scenario::Shell => engine::shell(args).await,
         Scenario::Latency => engine::latency(args).await,
@@ -75,9 +74,6 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Figure>> {
 /// A fresh SQLite store in `dir` with the chosen durability.
 pub async fn open_store(dir: &Path, durability: DurabilityArg) -> anyhow::Result<SqliteStore> {
     let mut config = SqliteConfig::new(dir.join("butler.db"));
-    if let Ok(n) = std::env::var("BENCH_CONNECTIONS") {
-        config.max_connections = Some(n.parse()?);
-    }
     config.durability = match durability {
         DurabilityArg::Full => Durability::Full,
         DurabilityArg::Normal => Durability::Normal,
