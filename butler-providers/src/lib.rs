@@ -4,5 +4,9 @@
 
 pub mod connect;
 pub mod local;
+#[cfg(feature = "amqp")]
+pub mod amqp;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

@@ -43,7 +43,7 @@ DEFINITION = {
         },
         {
             "id": "align",
-            "run": "echo 'align {{ config.sample }} to {{ config.reference }} ({{ config.batch }})'",
+            "run": "echo 'align {{ config.sample }} to {{ config.reference }}, {{ config.batch }}'",
             "needs": ["trim"],
             "timeout": "1m",
         },
@@ -71,9 +71,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", help="store URL (default: BUTLER_DB or $BUTLER_HOME/butler.db)")
     parser.add_argument("--out", help="where the configs go (default: runs/ in a new temp dir)")
-    parser.add_argument("--samples", type=int, default=1000, help="how many samples (default: 1000)")
+    parser.add_argument("--samples", type=int, default=1000, help="samples (default: 1000)")
     parser.add_argument(
-        "--fastq-dir", default="/data/fastq", help="where the FASTQ files live (default: /data/fastq)"
+        "--fastq-dir", default="/data/fastq", help="the FASTQ files' folder (default: /data/fastq)"
     )
     parser.add_argument("--fail-every", type=int, default=0, help="make every Nth sample fail")
     args = parser.parse_args()
@@ -101,7 +101,7 @@ def main() -> int:
     analysis = client.create_analysis(name, config={"batch": name})
 
     runs = client.launch(workflow, analysis, out)
-    print(f"Launched {len(runs)} runs of {workflow.name} {workflow.version} for analysis {analysis.id}")
+    print(f"Launched {len(runs)} runs of {workflow.name} {workflow.version} for {analysis.name}")
     print(analysis.id)
     return 0
 
