@@ -534,6 +534,9 @@ impl Client {
         };
         let finished = AtomicUsize::new(0);
         let outcome = {
+            // Dropping `waiting` (on a timeout) drops store queries in flight, which needs the
+            // runtime's context; this guard is dropped after it.
+            let _context = runtime.enter();
             let wait = engine.wait_for(&ids, |done| {
                 finished.store(done.len(), Ordering::Relaxed);
             });

@@ -116,10 +116,6 @@ def test_failed_runs_are_listed_and_exit_1(tmp_path: Path) -> None:
     assert not (tmp_path / "home" / "butler.db").exists()
 
 
-# Client.wait (butler-py/src/client.rs) drops its wait future outside the Tokio runtime when the
-# timeout ends; if a store query is in flight then, the drop panics ("this functionality
-# requires a Tokio context"). Make this strict once that is fixed.
-@pytest.mark.xfail(reason="Client.wait can panic when its timeout ends mid-query", strict=False)
 def test_a_timeout_leaves_runs_to_resume(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
     written = run(WRITE, "--samples", "4", env=env)
