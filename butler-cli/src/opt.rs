@@ -53,10 +53,28 @@ pub enum Command {
     /// interrupted `launch-workflow --wait`.
     Wait(Wait),
     /// Run the scheduler and local workers until stopped with Ctrl-C or SIGTERM.
+    ///
+    /// One scheduler leads at a time: a second server (or `butler scheduler`) on the same store
+    /// stands by and takes over when the leader stops or dies.
     Server(Slots),
+    /// Run the scheduler only (no worker) until stopped with Ctrl-C or SIGTERM; tasks run on
+    /// `butler worker` processes.
+    ///
+    /// One scheduler leads at a time: start several for high availability; the others stand by
+    /// and one takes over within seconds when the leader stops or dies.
+    Scheduler,
     /// Run local workers only (no scheduler) until stopped with Ctrl-C or SIGTERM; adds
-    /// capacity next to a `butler server`.
-    Worker(Slots),
+    /// capacity next to a `butler server` or `butler scheduler`.
+    Worker(WorkerArgs),
+    /// List the workers that report to the store, alive or lost.
+    ///
+    /// A worker reports every 5 seconds and is lost when 3 reports in a row are missing
+    /// (BUTLER_HEARTBEAT_SECS sets another interval; it is meant for tests). Workers that stop
+    /// cleanly leave the list; the tasks of a lost worker run again once their leases expire.
+    ListWorkers(JsonFlag),
+    /// Check that Butler can run here: the store, the queue, the executor, free disk space in
+    /// BUTLER_HOME, a scheduler and workers. Prints one line per check; exits 1 if one failed.
+    Doctor,
     /// Show a run's status and a table of its tasks.
     RunStatus(RunView),
     /// Print the output of a run's task attempts.
@@ -212,6 +230,18 @@ pub struct Slots {
     /// Task attempts run at once in this process [default: the number of CPUs].
     #[arg(long, value_name = "N")]
     pub slots: Option<usize>,
+}
+
+/// Arguments of `worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// How many attempts run at once.
+    #[command(flatten)]
+    pub slots: Slots,
+    /// The worker's name in `list-workers`, unique among the workers of the store
+    /// [default: HOST/PID].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 /// Arguments of `wait`.

@@ -5,9 +5,16 @@ use std::env;
 use std::ffi::OsString;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use butler_core::engine::{EngineOptions, LOST_AFTER_HEARTBEATS};
 use butler_providers::connect::{self, Backends};
+
+/// The variable that sets how often workers report themselves, in seconds (default 5). Meant
+/// for tests, which need lost workers and scheduler takeovers within a second or two; the
+/// scheduler's lease lasts two such intervals.
+pub const HEARTBEAT_VAR: &str = "BUTLER_HEARTBEAT_SECS";
 
 /// Where the tracker lives, resolved from flags and the environment.
 #[derive(Debug, Clone)]
@@ -57,6 +64,22 @@ impl Settings {
     /// Opens the store and the task queue, creating Butler's home first when the default store
     /// lives there.
     pub async fn connect(&self) -> Result<Backends> {
+        self.create_home()?;
+        Ok(connect::connect(&self.store_url, self.queue_url.as_deref()).await?)
+    }
+
+    /// The store's URL, as given or defaulted.
+    pub fn store_url(&self) -> &str {
+        &self.store_url
+    }
+
+    /// The queue's URL, if one other than the store's own queue was given.
+    pub fn queue_url(&self) -> Option<&str> {
+        self.queue_url.as_deref()
+    }
+
+    /// Creates Butler's home when the default store lives there.
+    pub fn create_home(&self) -> Result<()> {
         if self.default_store {
             std::fs::create_dir_all(&self.home).with_context(|| {
                 format!(
@@ -66,7 +89,45 @@ impl Settings {
                 )
             })?;
         }
-        Ok(connect::connect(&self.store_url, self.queue_url.as_deref()).await?)
+        Ok(())
+    }
+
+    /// How often workers report themselves: [`HEARTBEAT_VAR`] seconds, or `None` for the
+    /// engine's default.
+    pub fn heartbeat(&self) -> Result<Option<Duration>> {
+        let Some(value) = non_empty_env(HEARTBEAT_VAR) else {
+            return Ok(None);
+        };
+        let text = value.to_string_lossy();
+        match text.trim().parse::<f64>() {
+            Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds < 86_400.0 => {
+                Ok(Some(Duration::from_secs_f64(seconds)))
+            }
+            _ => bail!(
+                "{HEARTBEAT_VAR}={text:?} is not a number of seconds between 0 and 86400; \
+                 unset it for the default of 5, or give one such as 0.5"
+            ),
+        }
+    }
+
+    /// How long a worker may stay silent before `list-workers` calls it lost.
+    pub fn lost_after(&self) -> Result<Duration> {
+        let heartbeat = match self.heartbeat()? {
+            Some(heartbeat) => heartbeat,
+            None => EngineOptions::new(self.home.clone(), 0).worker_heartbeat,
+        };
+        Ok(heartbeat * LOST_AFTER_HEARTBEATS)
+    }
+
+    /// Engine options for this home with `slots` worker slots, with the heartbeat of
+    /// [`HEARTBEAT_VAR`] if it is set (and a scheduler lease of two heartbeats).
+    pub fn engine_options(&self, slots: usize) -> Result<EngineOptions> {
+        let mut options = EngineOptions::new(self.home.clone(), slots);
+        if let Some(heartbeat) = self.heartbeat()? {
+            options.worker_heartbeat = heartbeat;
+            options.leader_ttl = heartbeat * 2;
+        }
+        Ok(options)
     }
 
     /// Worker slots from `--slots`, or one per CPU.

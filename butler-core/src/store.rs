@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -12,7 +13,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::model::{
     Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
-    RunFilter, RunStatus, TaskInstance, Workflow,
+    RoleLease, RunFilter, RunStatus, TaskInstance, WorkerInfo, Workflow,
 };
 
 /// A run store shared across tasks and threads.
@@ -36,6 +37,15 @@ pub type DynRunStore = dyn RunStore;
 ///   keep the layers they were launched with.
 /// - **Ids** of workflows, analyses and runs are positive and increase in creation order.
 /// - **Reads see every committed write**, including those of other processes sharing the store.
+/// - **Workers are unique by name.** [`RunStore::heartbeat_worker`] inserts or replaces the
+///   worker of that name, whole; [`RunStore::list_workers`] lists every recorded worker, alive
+///   or not, until [`RunStore::forget_worker`] removes it.
+/// - **A role has at most one holder at a time.** [`RunStore::try_lead`] is one
+///   compare-and-set: of any number of callers racing for a free or expired role, across
+///   processes and hosts, exactly one wins it, and nobody takes a role whose lease is in
+///   force from its holder. Lease ends are measured on one clock per store (the database's,
+///   or the process's for an embedded store), so holders on hosts with skewed clocks still
+///   take turns.
 #[async_trait]
 pub trait RunStore: Send + Sync + Debug + 'static {
     /// Registers a workflow and its config layer.
@@ -108,4 +118,30 @@ pub trait RunStore: Send + Sync + Debug + 'static {
 
     /// The id of the newest event, 0 when there is none.
     async fn last_event_id(&self) -> Result<Id>;
+
+    /// Records `worker` under its name: inserts it, or replaces every field of the worker
+    /// recorded under that name.
+    async fn heartbeat_worker(&self, worker: &WorkerInfo) -> Result<()>;
+
+    /// Removes the worker recorded under `name` (one that stopped); a name not recorded is not
+    /// an error.
+    async fn forget_worker(&self, name: &str) -> Result<()>;
+
+    /// Every recorded worker, ordered by name.
+    async fn list_workers(&self) -> Result<Vec<WorkerInfo>>;
+
+    /// Takes or renews the lease of `role` for `ttl` from now, if the role is free, its lease
+    /// has ended, or `holder` already holds it; answers whether `holder` holds it now.
+    ///
+    /// A renewal keeps the lease's `since`; a takeover starts a new one. The check and the
+    /// write are one atomic step (see the contract above).
+    async fn try_lead(&self, role: &str, holder: &str, ttl: Duration) -> Result<bool>;
+
+    /// Ends `holder`'s lease of `role` now, so another holder may take it at once; does
+    /// nothing if `holder` does not hold it. The ended lease stays readable through
+    /// [`RunStore::leader`].
+    async fn resign(&self, role: &str, holder: &str) -> Result<()>;
+
+    /// The lease of `role`, in force or ended; `None` if the role was never taken.
+    async fn leader(&self, role: &str) -> Result<Option<RoleLease>>;
 }

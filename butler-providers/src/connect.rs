@@ -9,7 +9,7 @@ use butler_core::{DynRunStore, Error, Result};
 
 /// The store URL forms this build accepts, for error messages.
 const STORE_FORMS: &str = "sqlite:///absolute/path.db, sqlite://relative/path.db, sqlite::memory:, \
-                           a plain file path, or memory://";
+                           a plain file path, postgres://user@host/db, or memory://";
 
 /// Opens the run store named by `url`.
 ///
@@ -36,13 +36,19 @@ pub struct Backends {
 
 /// Opens the run store named by `store_url` (forms as in [`connect_store`]) and the queue named
 /// by `queue_url`; without one, the queue lives in the store itself (a SQLite store's queue is
-/// in the same database file; a memory store's in memory). `memory://` is an in-process queue.
+/// in the same database file, a PostgreSQL store's in the same schema, a memory store's in
+/// memory). `memory://` is an in-process queue, `amqp://user:pass@host/vhost` a RabbitMQ queue
+/// (feature `amqp`), and a store URL the queue of that store.
 pub async fn connect(store_url: &str, queue_url: Option<&str>) -> Result<Backends> {
     let (store, own_queue) = open_store(store_url, "store").await?;
     let queue = match queue_url.map(str::trim) {
         None | Some("") => own_queue,
         Some(url) => match scheme(url).map(|s| s.to_ascii_lowercase()).as_deref() {
             Some("memory") => Arc::new(MemoryQueue::new()) as Arc<DynQueue>,
+            #[cfg(feature = "amqp")]
+            Some("amqp" | "amqps") => Arc::new(crate::amqp::AmqpQueue::connect(url).await?),
+            #[cfg(not(feature = "amqp"))]
+            Some("amqp" | "amqps") => return Err(not_compiled(url, "amqp")),
             _ => open_store(url, "queue").await?.1,
         },
     };
@@ -75,9 +81,20 @@ async fn open_store(url: &str, what: &str) -> Result<(Arc<DynRunStore>, Arc<DynQ
                  memory://"
             ))),
         },
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => {
+            let store = crate::postgres::PgStore::connect(url).await?;
+            let queue = crate::postgres::PgQueue::new(store.pool().clone());
+            Ok((Arc::new(store), Arc::new(queue)))
+        }
+        #[cfg(not(feature = "postgres"))]
         "postgres" | "postgresql" => Err(not_compiled(url, "postgres")),
+        "amqp" | "amqps" => Err(Error::InvalidInput(format!(
+            "an `{scheme}:` URL names a RabbitMQ queue, not a {what}; give it as --queue \
+             (BUTLER_QUEUE) and the store as --db (BUTLER_DB)"
+        ))),
         _ => Err(Error::NotSupported(format!(
-            "unknown {what} URL scheme `{scheme}` in {url:?}; give one of: {STORE_FORMS}"
+            "unknown {what} URL scheme `{scheme}`; give one of: {STORE_FORMS}"
         ))),
     }
 }
@@ -115,9 +132,15 @@ async fn open_sqlite_file(path: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>
     Err(not_compiled(path, "sqlite"))
 }
 
+#[cfg_attr(
+    all(feature = "sqlite", feature = "postgres", feature = "amqp"),
+    allow(dead_code)
+)]
 fn not_compiled(url: &str, feature: &str) -> Error {
+    // Only the scheme: the rest of a URL may carry a password.
+    let url = scheme(url).map_or("a plain path", |s| s);
     Error::NotSupported(format!(
-        "the store URL {url:?} needs the `{feature}` backend, which this build of butler was \
+        "a `{url}:` URL needs the `{feature}` backend, which this build of butler was \
          compiled without; rebuild with `--features {feature}` (cargo feature `{feature}` of \
          butler-providers), or use one of: {STORE_FORMS}"
     ))

@@ -2,10 +2,10 @@
 //!
 //! Backends are chosen at run time from a URL with [`connect`].
 
-pub mod connect;
-pub mod local;
 #[cfg(feature = "amqp")]
 pub mod amqp;
+pub mod connect;
+pub mod local;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]

@@ -5,15 +5,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use butler_core::RunStore;
+use butler_core::DynRunStore;
 use butler_core::definition::{Definition, Format};
 use butler_core::engine::{Engine, EngineOptions};
 use butler_core::executor::{Attempt, CancellationToken, DynExecutor, Executor, Finished, Outcome};
 use butler_core::model::{Id, RunFilter, RunStatus};
 use butler_core::queue::DynQueue;
 use butler_core::tracker::{RunSource, Tracker};
+use butler_providers::amqp::AmqpQueue;
 use butler_providers::local::LocalExecutor;
-use butler_providers::sqlite::{SqliteQueue, SqliteStore};
+use butler_providers::postgres::{PgQueue, PgStore};
+use butler_providers::sqlite::SqliteQueue;
 use serde_json::json;
 
 use super::{Args, median, open_store, secs};
@@ -45,19 +47,85 @@ impl Executor for NoopExecutor {
     }
 }
 
+/// The database a scenario's commits go to, for the commit probe beside the figures.
+enum Database {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     home: std::path::PathBuf,
-    store: SqliteStore,
+    store: Arc<DynRunStore>,
+    queue: Arc<DynQueue>,
+    database: Database,
     tracker: Tracker,
     workflow: Id,
     analysis: Id,
 }
 
+/// The store and queue of `--db` and `--queue`: by default a SQLite file in `dir` holding both.
+/// A PostgreSQL URL gets a schema of its own and a RabbitMQ URL a prefix of its own, so a run
+/// of the benchmark never meets another's data.
+async fn backends(
+    args: &Args,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Arc<DynRunStore>, Arc<DynQueue>, Database)> {
+    let tag = format!("bench_{}", std::process::id());
+    let (store, own_queue, database): (Arc<DynRunStore>, Arc<DynQueue>, Database) =
+        match args.db.as_deref() {
+            Some(url) if url.starts_with("postgres") => {
+                let joiner = if url.contains('?') { '&' } else { '?' };
+                let durability = match args.durability {
+                    super::DurabilityArg::Full => "full",
+                    super::DurabilityArg::Normal => "normal",
+                };
+                let url = format!("{url}{joiner}schema={tag}&durability={durability}");
+                let store = PgStore::connect(&url).await?;
+                let queue = PgQueue::new(store.pool().clone());
+                let pool = store.pool().clone();
+                (Arc::new(store), Arc::new(queue), Database::Postgres(pool))
+            }
+            Some(other) => anyhow::bail!("--db takes a postgres:// URL; got {other:?}"),
+            None => {
+                let store = open_store(dir, args.durability).await?;
+                let queue = SqliteQueue::new(store.pool().clone());
+                let pool = store.pool().clone();
+                (Arc::new(store), Arc::new(queue), Database::Sqlite(pool))
+            }
+        };
+    let queue: Arc<DynQueue> = match args.queue.as_deref() {
+        None => own_queue,
+        Some(url) if url.starts_with("amqp") => {
+            let joiner = if url.contains('?') { '&' } else { '?' };
+            Arc::new(AmqpQueue::connect(&format!("{url}{joiner}prefix={tag}")).await?)
+        }
+        Some(other) => anyhow::bail!("--queue takes an amqp:// URL; got {other:?}"),
+    };
+    Ok((store, queue, database))
+}
+
+impl Setup {
+    /// Drops the PostgreSQL schema the scenario made.
+    async fn clean_up(self) -> anyhow::Result<()> {
+        if let Database::Postgres(pool) = &self.database {
+            let schema: String = sqlx::query_scalar("SELECT current_schema()")
+                .fetch_one(pool)
+                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA \"{schema}\" CASCADE"
+            )))
+            .execute(pool)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
 async fn setup(args: &Args, definition: &str) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
-    let store = open_store(dir.path(), args.durability).await?;
-    let tracker = Tracker::new(Arc::new(store.clone()));
+    let (store, queue, database) = backends(args, dir.path()).await?;
+    let tracker = Tracker::new(store.clone());
     let definition = Definition::parse(definition, Format::Toml, "bench.toml")?;
     let workflow = tracker
         .create_workflow("bench", "1", json!({}), definition)
@@ -69,6 +137,8 @@ async fn setup(args: &Args, definition: &str) -> anyhow::Result<Setup> {
         home: dir.path().to_path_buf(),
         _dir: dir,
         store,
+        queue,
+        database,
         tracker,
         workflow: workflow.id,
         analysis: analysis.id,
@@ -91,9 +161,8 @@ async fn launch(s: &Setup, first: usize, count: usize) -> anyhow::Result<Vec<Id>
 }
 
 fn start(s: &Setup, executor: Arc<DynExecutor>, slots: usize) -> Engine {
-    let queue: Arc<DynQueue> = Arc::new(SqliteQueue::new(s.store.pool().clone()));
     let options = EngineOptions::new(s.home.clone(), slots);
-    Engine::start(Arc::new(s.store.clone()), queue, executor, options)
+    Engine::start(s.store.clone(), s.queue.clone(), executor, options)
 }
 
 async fn run_all(
@@ -115,20 +184,40 @@ async fn run_all(
     Ok(took)
 }
 
-/// Durable single-row commits per second on this disk, the unit cost a task pays without group
-/// commit.
+/// Single-row commits per second to the scenario's database at its durability: the unit cost a
+/// task would pay without group commit.
 async fn commits_per_second(s: &Setup) -> anyhow::Result<f64> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS bench_probe (id INTEGER PRIMARY KEY, v INTEGER)")
-        .execute(s.store.pool())
-        .await?;
     let begin = Instant::now();
-    let mut n = 0;
-    while begin.elapsed() < Duration::from_secs(1) {
-        sqlx::query("INSERT INTO bench_probe (v) VALUES (?)")
-            .bind(n)
-            .execute(s.store.pool())
+    let mut n: i64 = 0;
+    match &s.database {
+        Database::Sqlite(pool) => {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS bench_probe (id INTEGER PRIMARY KEY, v INTEGER)",
+            )
+            .execute(pool)
             .await?;
-        n += 1;
+            while begin.elapsed() < Duration::from_secs(1) {
+                sqlx::query("INSERT INTO bench_probe (v) VALUES (?)")
+                    .bind(n)
+                    .execute(pool)
+                    .await?;
+                n += 1;
+            }
+        }
+        Database::Postgres(pool) => {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS bench_probe (id BIGSERIAL PRIMARY KEY, v BIGINT)",
+            )
+            .execute(pool)
+            .await?;
+            while begin.elapsed() < Duration::from_secs(1) {
+                sqlx::query("INSERT INTO bench_probe (v) VALUES ($1)")
+                    .bind(n)
+                    .execute(pool)
+                    .await?;
+                n += 1;
+            }
+        }
     }
     Ok(n as f64 / secs(begin))
 }
@@ -139,9 +228,13 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let runs = launch(&s, 0, count).await?;
     let took = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs).await?;
     let commits = commits_per_second(&s).await?;
-    let (dead,): (i64,) = sqlx::query_as("SELECT count(*) FROM queue_dead")
-        .fetch_one(s.store.pool())
-        .await?;
+    let dead = s
+        .queue
+        .depth(butler_core::engine::DEFAULT_TASK_QUEUE)
+        .await?
+        .dead;
+    let backend = backend_name(args);
+    s.clean_up().await?;
     let in_memory = noop_in_memory(count).await?;
     Ok(vec![
         Figure::new(
@@ -158,15 +251,31 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
         ),
         Figure::new(
             "noop",
-            format!(
-                "{count} no-op tasks (one-task runs), 2 slots, durability {:?}",
-                args.durability
-            ),
+            format!("{count} no-op tasks (one-task runs), 2 slots, {backend}"),
             count as f64 / took,
             "tasks/s",
         )
-        .limit(commits, "single-row durable commits/s on this disk"),
+        .limit(commits, "single-row commits/s to the same database"),
     ])
+}
+
+/// The store, queue and durability a scenario ran on, for its figures.
+fn backend_name(args: &Args) -> String {
+    let store = if args.db.is_some() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    let queue = if args.queue.is_some() {
+        "RabbitMQ"
+    } else {
+        store
+    };
+    let durability = match args.durability {
+        super::DurabilityArg::Full => "full",
+        super::DurabilityArg::Normal => "normal",
+    };
+    format!("store {store}, queue {queue}, durability {durability}")
 }
 
 pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
@@ -199,6 +308,7 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let floor = secs(begin);
     let runs = launch(&s, 0, count).await?;
     let took = run_all(&s, Arc::new(LocalExecutor::new()), 2, &runs).await?;
+    s.clean_up().await?;
     Ok(vec![
         Figure::new(
             "shell",
@@ -250,21 +360,23 @@ pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
     let p50 = median(samples);
     let commit = 1000.0 / commits_per_second(&s).await?;
+    let backend = backend_name(args);
+    s.clean_up().await?;
     Ok(vec![
         Figure::new(
             "latency",
-            format!("ready to started p50, durability {:?}", args.durability),
+            format!("ready to started p50, {backend}"),
             ms(p50),
             "ms",
         )
-        .limit(commit, "one durable single-row commit"),
+        .limit(commit, "one single-row commit to the same database"),
         Figure::new(
             "latency",
-            format!("ready to started p99, durability {:?}", args.durability),
+            format!("ready to started p99, {backend}"),
             ms(p99),
             "ms",
         )
-        .limit(commit, "one durable single-row commit"),
+        .limit(commit, "one single-row commit to the same database"),
     ])
 }
 
@@ -313,6 +425,7 @@ pub async fn memory(args: &Args) -> anyhow::Result<Vec<Figure>> {
             .await?
             .len();
     engine.stop().await?;
+    s.clean_up().await?;
     Ok(vec![
         Figure::new(
             "memory",

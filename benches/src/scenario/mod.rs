@@ -29,9 +29,17 @@ pub struct Args {
     /// What a commit survives: `full` (power loss) or `normal` (process crash).
     #[arg(long, value_enum, default_value = "full")]
     pub durability: DurabilityArg,
-    /// Size of the scenario: run configs for `launch`, runs in the store for `list`.
+    /// Size of the scenario: run configs for `launch`, runs in the store for `list`, tasks for
+    /// `noop`, runs for `shell`, `latency` and `memory`.
     #[arg(long)]
     pub size: Option<usize>,
+    /// Run `noop`, `latency`, `shell` or `memory` on this PostgreSQL store (a schema of its own
+    /// is made and dropped) instead of a SQLite file.
+    #[arg(long, value_name = "postgres://…")]
+    pub db: Option<String>,
+    /// Run them with this RabbitMQ queue (under a prefix of its own) instead of the store's.
+    #[arg(long, value_name = "amqp://…")]
+    pub queue: Option<String>,
 }
 
 /// Benchmark scenarios.

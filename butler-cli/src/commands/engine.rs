@@ -1,4 +1,5 @@
-//! `launch-workflow --wait`, `wait`, `server` and `worker`: the engine inside this process.
+//! `launch-workflow --wait`, `wait`, `server`, `scheduler` and `worker`: the engine inside this
+//! process.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -18,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
 use super::launch;
-use crate::opt::{LaunchWorkflow, Slots, Wait};
+use crate::opt::{LaunchWorkflow, Slots, Wait, WorkerArgs};
 use crate::output;
 use crate::settings::Settings;
 
@@ -89,22 +90,37 @@ pub async fn wait(settings: &Settings, backends: &Backends, args: Wait) -> Resul
 /// Schedules and executes runs until stopped by a signal.
 pub async fn server(settings: &Settings, backends: &Backends, args: Slots) -> Result<()> {
     let slots = settings.slots(args.slots);
-    let options = EngineOptions::new(settings.home().to_path_buf(), slots);
+    let options = settings.engine_options(slots)?;
     eprintln!(
-        "Butler server {}: scheduling runs with {slots} worker {}; stop with Ctrl-C or SIGTERM",
+        "Butler server {}: scheduling runs with {slots} worker {} (standing by while another \
+         scheduler leads); stop with Ctrl-C or SIGTERM",
         options.name,
         plural(slots, "slot", "slots")
     );
     serve(backends, options).await
 }
 
+/// Schedules runs, with no worker of its own, until stopped by a signal.
+pub async fn scheduler(settings: &Settings, backends: &Backends) -> Result<()> {
+    let options = settings.engine_options(0)?;
+    eprintln!(
+        "Butler scheduler {}: scheduling runs for `butler worker` processes (standing by while \
+         another scheduler leads); stop with Ctrl-C or SIGTERM",
+        options.name
+    );
+    serve(backends, options).await
+}
+
 /// Executes task attempts scheduled by another process until stopped by a signal.
-pub async fn worker(settings: &Settings, backends: &Backends, args: Slots) -> Result<()> {
-    let slots = settings.slots(args.slots);
+pub async fn worker(settings: &Settings, backends: &Backends, args: WorkerArgs) -> Result<()> {
+    let slots = settings.slots(args.slots.slots);
     if slots == 0 {
         bail!("a worker with --slots 0 would run nothing; give --slots 1 or more");
     }
-    let mut options = EngineOptions::new(settings.home().to_path_buf(), slots);
+    let mut options = settings.engine_options(slots)?;
+    if let Some(name) = args.name {
+        options.name = worker_name(&name)?;
+    }
     options.schedule = false;
     eprintln!(
         "Butler worker {}: running tasks in {slots} {}; stop with Ctrl-C or SIGTERM",
@@ -127,6 +143,20 @@ async fn serve(backends: &Backends, options: EngineOptions) -> Result<()> {
     Ok(())
 }
 
+/// `--name` of a worker, checked: something to read in a table.
+fn worker_name(name: &str) -> Result<String> {
+    let name = name.trim();
+    if name.is_empty() {
+        bail!(
+            "--name is empty; give the worker a name such as gpu-1, or leave --name out for HOST/PID"
+        );
+    }
+    if name.chars().any(char::is_control) {
+        bail!("--name {name:?} contains control characters; give a printable name such as gpu-1");
+    }
+    Ok(name.to_owned())
+}
+
 fn start(backends: &Backends, options: EngineOptions) -> Engine {
     Engine::start(
         backends.store.clone(),
@@ -146,7 +176,7 @@ async fn run_to_the_end(
 ) -> Result<()> {
     let stop = stop_signal()?;
     let started = Instant::now();
-    let mut options = EngineOptions::new(settings.home().to_path_buf(), slots);
+    let mut options = settings.engine_options(slots)?;
     // Drive only these runs: others are left to the processes that launched them.
     options.only_runs = Some(Arc::new(runs.iter().copied().collect()));
     let mut engine = start(backends, options);

@@ -9,5 +9,7 @@ mod engine;
 mod examples;
 mod launch;
 mod runs;
+mod scale;
 mod util;
+mod workers;
 mod workflow;

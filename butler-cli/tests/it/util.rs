@@ -222,12 +222,22 @@ impl Sandbox {
     /// Starts `butler ARGS` in the background; its stdout and stderr go to files in the sandbox
     /// named after `name`. The process is killed when the returned value is dropped.
     pub fn spawn(&self, name: &str, args: &[&str]) -> Background {
+        self.spawn_with_env(name, args, &[])
+    }
+
+    /// [`Sandbox::spawn`] with `extra_env` added to the process's environment.
+    pub fn spawn_with_env(
+        &self,
+        name: &str,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Background {
         let logs = self.path().join("background");
         fs::create_dir_all(&logs).expect("create the background log directory");
         let stdout = logs.join(format!("{name}.out"));
         let stderr = logs.join(format!("{name}.err"));
         let child = self
-            .command(args, &[])
+            .command(args, extra_env)
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout).expect("create a stdout file"))
             .stderr(fs::File::create(&stderr).expect("create a stderr file"))

@@ -4,6 +4,27 @@
 //! [`Queue`](crate::queue::Queue) only carries hints of what to start. State changes from the
 //! scheduler and from every worker slot of a process go through one group-commit
 //! [`Batcher`], so one transaction serves many tasks.
+//!
+//! # Processes
+//!
+//! Any number of processes may share a store: `butler server` (a scheduler and workers),
+//! `butler scheduler`, `butler worker`, and the engines embedded in `launch-workflow --wait`
+//! and Python's `Client.wait`.
+//!
+//! - **One scheduler leads.** A scheduler drives runs only while it holds the store's
+//!   [`SCHEDULER_ROLE`] lease ([`RunStore::try_lead`](crate::RunStore::try_lead)), which it
+//!   renews at every poll; the others stand by, trying every third of
+//!   [`EngineOptions::leader_ttl`], and one takes over when the lease ends: when the leader
+//!   resigns ([`Engine::stop`]), stops renewing, or is a process of this host that no longer
+//!   exists (then at once).
+//! - **Embedded schedulers follow.** An engine with [`EngineOptions::only_runs`] never takes
+//!   the lease: it drives its own runs only while no scheduler leads, and otherwise leaves them
+//!   to the leader while its workers execute them. So a `--wait` never keeps a server from
+//!   scheduling, and two `--wait`s never wait for each other.
+//! - **Workers report themselves.** Every engine with worker slots records itself
+//!   ([`WorkerInfo`](crate::model::WorkerInfo)) every [`EngineOptions::worker_heartbeat`], and
+//!   removes itself when it stops; one silent for [`LOST_AFTER_HEARTBEATS`] heartbeats is lost,
+//!   and the attempts it was running come back when their leases expire.
 
 mod batch;
 pub mod control;
@@ -36,6 +57,15 @@ use crate::store::DynRunStore;
 /// The queue that carries task attempts unless configured otherwise.
 pub const DEFAULT_TASK_QUEUE: &str = "butler.tasks";
 
+/// The role whose lease makes a scheduler the one that drives runs.
+pub const SCHEDULER_ROLE: &str = "scheduler";
+
+/// A worker whose heartbeats stopped for this many intervals is lost.
+pub const LOST_AFTER_HEARTBEATS: u32 = 3;
+
+/// The Butler version a worker reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// The queue of the Python tasks of workflows whose command tasks go to `queue`: Python
 /// workers take from it, command workers never do.
 pub fn python_queue(queue: &str) -> String {
@@ -47,11 +77,14 @@ pub fn python_queue(queue: &str) -> String {
 pub struct EngineOptions {
     /// `BUTLER_HOME`: attempt directories and logs go under `runs/` in it.
     pub home: PathBuf,
-    /// This process's name in the event log and in leases, `HOST/PID` by default.
+    /// This process's name in the event log, in task leases and in the worker list, `HOST/PID`
+    /// by default. A second engine with worker slots in one process is listed as
+    /// `NAME #INSTANCE`.
     pub name: String,
     /// Attempts that run at once in this process; 0 runs no worker.
     pub slots: usize,
-    /// Whether this process schedules (one scheduler per store).
+    /// Whether this process schedules; it drives runs only while it leads (see the module
+    /// docs).
     pub schedule: bool,
     /// The queue of command tasks; Python tasks go to [`python_queue`] of it. A worker takes
     /// from exactly this queue (a Python worker is given the Python queue).
@@ -62,11 +95,19 @@ pub struct EngineOptions {
     pub poll: Duration,
     /// The most runs the scheduler keeps in flight.
     pub max_active_runs: usize,
+    /// How often a worker records itself in the store's worker list (`butler list-workers`);
+    /// one silent for [`LOST_AFTER_HEARTBEATS`] of these is lost.
+    pub worker_heartbeat: Duration,
+    /// How long the scheduler's lease lasts unless renewed: how soon a standby scheduler takes
+    /// over from one that stopped without resigning.
+    pub leader_ttl: Duration,
     /// Which engine of the process this is (set by [`Engine::start`]), so that two engines of
     /// one process tell their changes apart.
     instance: u64,
     /// Schedule only these runs (a `launch-workflow --wait` runs its own runs and leaves the
-    /// rest to others); `None` schedules every run.
+    /// rest to others); `None` schedules every run. An engine with `only_runs` follows: it
+    /// never takes the scheduler's lease, and schedules these runs only while no scheduler
+    /// leads.
     pub only_runs: Option<Arc<HashSet<Id>>>,
 }
 
@@ -82,6 +123,8 @@ impl EngineOptions {
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(200),
             max_active_runs: 100_000,
+            worker_heartbeat: Duration::from_secs(5),
+            leader_ttl: Duration::from_secs(10),
             only_runs: None,
             instance: 0,
         }
@@ -90,6 +133,12 @@ impl EngineOptions {
     /// How this engine signs its changes in the event log, after `scheduler` or `worker`.
     fn signature(&self) -> String {
         format!("{} #{}", self.name, self.instance)
+    }
+
+    /// How this engine's scheduler holds the [`SCHEDULER_ROLE`] lease: this process's
+    /// `HOST/PID` (so that a standby on the same host sees when it is gone) and the instance.
+    fn holder(&self) -> String {
+        format!("{} #{}", process_name(), self.instance)
     }
 
     /// How often a running attempt renews its lease, which is also how soon a cancel reaches it.
@@ -185,6 +234,7 @@ impl Engine {
                 options,
                 stats.clone(),
             ));
+            tasks.push(tokio::spawn(worker.clone().announce(shutdown.clone())));
             tasks.push(tokio::spawn(worker.run(shutdown.clone())));
         }
         Engine {
@@ -287,7 +337,9 @@ impl Engine {
         }
     }
 
-    /// Stops the scheduler and the workers. Attempts still running are left to their leases.
+    /// Stops the scheduler and the workers: the scheduler resigns its lease, so a standby takes
+    /// over at once, and the workers leave the worker list. Attempts still running are killed
+    /// and given back (if the process ends first, their leases bring them back).
     pub async fn stop(self) -> Result<()> {
         self.shutdown.cancel();
         for task in self.tasks {
@@ -346,7 +398,8 @@ pub fn process_name() -> String {
     format!("{}/{}", host_name(), std::process::id())
 }
 
-fn host_name() -> String {
+/// This host's name, as workers report it.
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|h| h.trim().to_owned())
@@ -355,9 +408,11 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// Whether `worker` (`HOST/PID`) is a process of this host that no longer exists.
+/// Whether `worker` (`HOST/PID`, optionally followed by ` #INSTANCE`) is a process of this
+/// host that no longer exists.
 pub(crate) fn worker_is_gone(worker: Option<&str>) -> bool {
-    let Some((host, pid)) = worker.and_then(|w| w.rsplit_once('/')) else {
+    let process = worker.map(|w| w.split_once(" #").map_or(w, |(process, _)| process));
+    let Some((host, pid)) = process.and_then(|w| w.rsplit_once('/')) else {
         return false;
     };
     let Ok(pid) = pid.parse::<u32>() else {

@@ -4,18 +4,18 @@
 //! stored ([`plan_run`]), so a scheduler that restarts after a crash carries on exactly where the
 //! last one stopped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::batch::Batcher;
 use super::plan::{TaskMessage, plan_run, run_deadline};
-use super::{EngineOptions, RunFinished, python_queue, retry, worker_is_gone};
+use super::{EngineOptions, RunFinished, SCHEDULER_ROLE, python_queue, retry, worker_is_gone};
 use crate::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
 use crate::error::Result;
 use crate::model::{AnalysisRun, EventFilter, Id, RunFilter, RunStatus, TaskState, Workflow};
@@ -27,6 +27,13 @@ const CLAIM_PAGE: usize = 1_000;
 /// How often to look for active runs that no live scheduler drives.
 const ADOPT_EVERY: chrono::Duration = chrono::Duration::seconds(30);
 
+/// Why [`Scheduler::drive`] returned.
+enum Ended {
+    Shutdown,
+    /// Another scheduler leads now.
+    SteppedDown,
+}
+
 pub(crate) struct Scheduler {
     pub store: Arc<DynRunStore>,
     pub queue: Arc<DynQueue>,
@@ -36,11 +43,23 @@ pub(crate) struct Scheduler {
     pub finished: broadcast::Sender<RunFinished>,
     pub options: EngineOptions,
     pub name: String,
+    /// How this scheduler holds the scheduler's lease.
+    holder: String,
+    /// Whether it holds the lease (as of its last try).
+    leading: bool,
+    /// When the lease it last took or renewed ends, at the latest.
+    lease_ends: Instant,
+    /// When a follower next looks for a leader.
+    next_turn_check: Instant,
     workflows: HashMap<Id, Arc<Workflow>>,
     active: HashMap<Id, AnalysisRun>,
     per_workflow: HashMap<Id, usize>,
     unsent: Vec<TaskMessage>,
     cursor: Id,
+    /// Where the last reads of the event log ended, oldest first.
+    read_from: VecDeque<Id>,
+    /// Events after the oldest of `read_from` already handled.
+    seen: BTreeSet<Id>,
 }
 
 impl Scheduler {
@@ -53,6 +72,7 @@ impl Scheduler {
         options: EngineOptions,
     ) -> Self {
         let name = format!("scheduler {}", options.signature());
+        let holder = options.holder();
         Scheduler {
             store,
             queue,
@@ -61,16 +81,167 @@ impl Scheduler {
             finished,
             options,
             name,
+            holder,
+            leading: false,
+            lease_ends: Instant::now(),
+            next_turn_check: Instant::now(),
             workflows: HashMap::new(),
             active: HashMap::new(),
             per_workflow: HashMap::new(),
             unsent: Vec::new(),
             cursor: 0,
+            read_from: VecDeque::new(),
+            seen: BTreeSet::new(),
         }
     }
 
+    /// Schedules while this scheduler's turn lasts (see [`super`]'s docs on processes) until
+    /// shutdown, standing by otherwise; resigns the lease when it ends.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        let result = self.take_turns(&shutdown).await;
+        if self.leading {
+            // A standby takes over at once rather than when the lease ends.
+            match self.store.resign(SCHEDULER_ROLE, &self.holder).await {
+                Ok(()) => info!(holder = %self.holder, "resigned the scheduler lease"),
+                Err(err) => warn!(
+                    error = %err,
+                    "could not resign the scheduler lease; a standby takes over when it ends"
+                ),
+            }
+        }
+        result
+    }
+
+    async fn take_turns(&mut self, shutdown: &CancellationToken) -> Result<()> {
+        loop {
+            if !self.stand_by(shutdown).await? {
+                return Ok(());
+            }
+            match self.drive(shutdown).await? {
+                Ended::Shutdown => return Ok(()),
+                Ended::SteppedDown => self.forget_runs(),
+            }
+        }
+    }
+
+    /// Whether this scheduler only follows (it has `only_runs`): it never takes the lease.
+    fn follows(&self) -> bool {
+        self.options.only_runs.is_some()
+    }
+
+    /// How long a standby waits between two looks at the lease.
+    fn standby_pause(&self) -> Duration {
+        (self.options.leader_ttl / 3).max(Duration::from_millis(1))
+    }
+
+    /// Waits until this scheduler's turn comes; `false` if shutdown came first.
+    async fn stand_by(&mut self, shutdown: &CancellationToken) -> Result<bool> {
+        let mut said = false;
+        loop {
+            match self.check_turn().await {
+                Ok(true) => return Ok(true),
+                Ok(false) if !said => {
+                    info!(
+                        scheduler = %self.name,
+                        "another scheduler leads; standing by"
+                    );
+                    said = true;
+                }
+                Ok(false) => {}
+                Err(err) if err.is_retryable() => {
+                    warn!(error = %err, "cannot tell which scheduler leads; trying again");
+                }
+                Err(err) => return Err(err),
+            }
+            let wake = tokio::time::sleep(self.standby_pause());
+            tokio::pin!(wake);
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    // The workers' notices are for the scheduler that leads, which reads the
+                    // same changes from the event log.
+                    runs = self.touched.recv(), if open => open = runs.is_some(),
+                    _ = &mut wake => break,
+                    _ = shutdown.cancelled() => return Ok(false),
+                }
+            }
+        }
+    }
+
+    /// Whether this scheduler may drive runs now: a leader takes or renews the lease (and
+    /// takes it at once from a holder that was a process of this host and is gone); a
+    /// follower checks that no scheduler leads.
+    async fn check_turn(&mut self) -> Result<bool> {
+        let role = SCHEDULER_ROLE;
+        if self.follows() {
+            let now = Utc::now();
+            return Ok(match self.store.leader(role).await? {
+                Some(lease) => !lease.is_held(now) || worker_is_gone(Some(&lease.holder)),
+                None => true,
+            });
+        }
+        let ttl = self.options.leader_ttl;
+        let asked = Instant::now();
+        let mut won = self.store.try_lead(role, &self.holder, ttl).await?;
+        if !won
+            && let Some(lease) = self.store.leader(role).await?
+            && lease.holder != self.holder
+            && lease.is_held(Utc::now())
+            && worker_is_gone(Some(&lease.holder))
+        {
+            warn!(previous = %lease.holder, "the leading scheduler's process is gone; taking over");
+            self.store.resign(role, &lease.holder).await?;
+            won = self.store.try_lead(role, &self.holder, ttl).await?;
+        }
+        if won && !self.leading {
+            info!(holder = %self.holder, "took the scheduler lease; scheduling");
+        }
+        self.leading = won;
+        if won {
+            self.lease_ends = asked + ttl;
+        }
+        Ok(won)
+    }
+
+    /// Checks, at every poll, that this scheduler's turn goes on: a leader renews its lease; a
+    /// follower looks for a leader as often as a standby would.
+    async fn keep_turn(&mut self) -> Result<bool> {
+        let now = Instant::now();
+        if self.follows() && now < self.next_turn_check {
+            return Ok(true);
+        }
+        self.next_turn_check = now + self.standby_pause();
+        match self.check_turn().await {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                warn!(
+                    scheduler = %self.name,
+                    "another scheduler leads now; this one stands by"
+                );
+                Ok(false)
+            }
+            // Every change is a compare-and-set, so going on for the rest of a lease that may
+            // have been lost is safe; going on past it would only repeat the leader's work.
+            Err(err) if err.is_retryable() => {
+                warn!(error = %err, "cannot renew the scheduler lease; trying again");
+                Ok(self.follows() || Instant::now() < self.lease_ends)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Drops what this scheduler knew of its runs: the one that leads now drives them.
+    fn forget_runs(&mut self) {
+        self.active.clear();
+        self.per_workflow.clear();
+        self.unsent.clear();
+    }
+
+    /// Drives the runs until shutdown or until the turn ends.
+    async fn drive(&mut self, shutdown: &CancellationToken) -> Result<Ended> {
         self.cursor = self.store.last_event_id().await?;
+        self.read_from.clear();
+        self.seen.clear();
         let mut dirty = self.adopt().await?;
         let mut next_poll = Utc::now();
         let mut next_reap = Utc::now();
@@ -81,6 +252,9 @@ impl Scheduler {
                 dirty.extend(runs.into_iter().filter(|id| self.active.contains_key(id)));
             }
             if now >= next_poll {
+                if !self.keep_turn().await? {
+                    return Ok(Ended::SteppedDown);
+                }
                 // Other processes' changes, new runs, and runs past their deadline.
                 self.read_events(&mut dirty).await?;
                 self.claim_ready(&mut dirty).await?;
@@ -112,7 +286,7 @@ impl Scheduler {
                     dirty.extend(runs.into_iter().flatten().filter(|id| self.active.contains_key(id)));
                 }
                 _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
             }
         }
     }
@@ -179,20 +353,26 @@ impl Scheduler {
     /// Marks the runs other processes changed as dirty (this process's own changes arrive on
     /// `touched`).
     async fn read_events(&mut self, dirty: &mut HashSet<Id>) -> Result<()> {
+        // A store may make event ids visible out of order (PostgreSQL sequences across
+        // concurrent transactions), so each read starts where the read two polls ago did and
+        // skips the events already seen.
+        let from = self.read_from.front().copied().unwrap_or(self.cursor);
+        let mut after = from;
         loop {
             let events = self
                 .store
                 .list_events(&EventFilter {
                     run_id: None,
                     not_by_suffix: Some(format!(" {}", self.options.signature())),
-                    after: self.cursor,
+                    after,
                     limit: EVENT_PAGE,
                 })
                 .await?;
             let full = events.len() == EVENT_PAGE as usize;
             for event in events {
-                self.cursor = event.id;
-                if event.by == self.name {
+                after = event.id;
+                self.cursor = self.cursor.max(event.id);
+                if !self.seen.insert(event.id) || event.by == self.name {
                     continue;
                 }
                 if event.task_id.is_none() {
@@ -208,9 +388,16 @@ impl Scheduler {
                 }
             }
             if !full {
-                return Ok(());
+                break;
             }
         }
+        self.read_from.push_back(self.cursor);
+        if self.read_from.len() > 2 {
+            self.read_from.pop_front();
+        }
+        let floor = self.read_from.front().copied().unwrap_or(self.cursor);
+        self.seen = self.seen.split_off(&(floor + 1));
+        Ok(())
     }
 
     /// Whether this scheduler is to drive run `id`.
@@ -461,5 +648,286 @@ impl Scheduler {
                 self.unsent.extend(batch);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use serde_json::json;
+
+    use super::super::{Engine, EngineOptions, SCHEDULER_ROLE, worker_is_gone};
+    use crate::definition::{Definition, Format};
+    use crate::executor::{Attempt, CancellationToken, Executor, Finished, Outcome};
+    use crate::memory::{MemoryQueue, MemoryRunStore};
+    use crate::model::{EventFilter, Id, RunStatus};
+    use crate::store::RunStore;
+    use crate::tracker::{RunSource, Tracker};
+    use std::sync::Arc;
+
+    /// Every attempt succeeds at once.
+    #[derive(Debug)]
+    struct Succeeds;
+
+    #[async_trait]
+    impl Executor for Succeeds {
+        async fn execute(&self, attempt: Attempt, _: CancellationToken) -> crate::Result<Finished> {
+            Ok(Finished {
+                outcome: Outcome::Exited { code: 0 },
+                log_path: attempt.workdir,
+                duration: Duration::ZERO,
+            })
+        }
+    }
+
+    /// One store and queue shared by several engines, as several processes would share them.
+    struct World {
+        store: Arc<MemoryRunStore>,
+        queue: Arc<MemoryQueue>,
+        tracker: Tracker,
+        workflow: Id,
+        analysis: Id,
+        launched: usize,
+    }
+
+    impl World {
+        async fn new() -> World {
+            let store = Arc::new(MemoryRunStore::new());
+            let tracker = Tracker::new(store.clone());
+            let definition = Definition::parse(
+                "[[tasks]]\nid = \"a\"\nrun = \"true\"\n[[tasks]]\nid = \"b\"\nrun = \"true\"\n\
+                 needs = [\"a\"]\n",
+                Format::Toml,
+                "test.toml",
+            )
+            .expect("a valid definition");
+            let workflow = tracker
+                .create_workflow("w", "1", json!({}), definition)
+                .await
+                .expect("workflow");
+            let analysis = tracker
+                .create_analysis("a", chrono::Utc::now().date_naive(), json!({}))
+                .await
+                .expect("analysis");
+            World {
+                store,
+                queue: Arc::new(MemoryQueue::new()),
+                tracker,
+                workflow: workflow.id,
+                analysis: analysis.id,
+                launched: 0,
+            }
+        }
+
+        async fn launch(&mut self, count: usize) -> Vec<Id> {
+            let sources = (0..count)
+                .map(|i| RunSource {
+                    source: None,
+                    config: json!({ "i": self.launched + i }),
+                })
+                .collect();
+            self.launched += count;
+            self.tracker
+                .launch(self.workflow, self.analysis, sources, false)
+                .await
+                .expect("launch")
+                .into_iter()
+                .map(|run| run.id)
+                .collect()
+        }
+
+        fn start(&self, options: EngineOptions) -> Engine {
+            Engine::start(
+                self.store.clone(),
+                self.queue.clone(),
+                Arc::new(Succeeds),
+                options,
+            )
+        }
+
+        /// Who moved each run to `scheduled`.
+        async fn taken_by(&self, runs: &[Id]) -> Vec<String> {
+            let mut by = Vec::new();
+            for &run in runs {
+                let events = self
+                    .store
+                    .list_events(&EventFilter {
+                        not_by_suffix: None,
+                        run_id: Some(run),
+                        after: 0,
+                        limit: 1000,
+                    })
+                    .await
+                    .expect("events");
+                let taken = events
+                    .into_iter()
+                    .find(|e| e.task_id.is_none() && e.to == "scheduled")
+                    .unwrap_or_else(|| panic!("run {run} was never scheduled"));
+                by.push(taken.by);
+            }
+            by
+        }
+
+        /// The holder of the scheduler's lease while it is in force.
+        async fn leader(&self) -> Option<String> {
+            self.store
+                .leader(SCHEDULER_ROLE)
+                .await
+                .expect("leader")
+                .filter(|lease| lease.is_held(chrono::Utc::now()))
+                .map(|lease| lease.holder)
+        }
+    }
+
+    fn options(slots: usize) -> EngineOptions {
+        let mut options = EngineOptions::new(std::env::temp_dir(), slots);
+        options.poll = Duration::from_millis(20);
+        options.leader_ttl = Duration::from_millis(600);
+        options
+    }
+
+    async fn finish(engine: &mut Engine, runs: &[Id]) {
+        let done = tokio::time::timeout(Duration::from_secs(20), engine.wait_for(runs, |_| {}))
+            .await
+            .expect("the runs finish in time")
+            .expect("the engine runs");
+        assert!(
+            done.iter().all(|run| run.status == RunStatus::Completed),
+            "{done:?}"
+        );
+    }
+
+    async fn until_leader(world: &World, what: &str, check: impl Fn(Option<&str>) -> bool) {
+        for _ in 0..500 {
+            if check(world.leader().await.as_deref()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "gave up waiting for {what}; leader: {:?}",
+            world.leader().await
+        );
+    }
+
+    #[test]
+    fn a_holder_is_gone_when_its_process_on_this_host_is() {
+        let host = super::super::host_name();
+        let me = std::process::id();
+        // Above any pid_max, so no such process exists.
+        let dead = 4_000_000_000u32;
+        assert!(!worker_is_gone(Some(&format!("{host}/{me} #3"))));
+        assert!(worker_is_gone(Some(&format!("{host}/{dead} #1"))));
+        assert!(worker_is_gone(Some(&format!("{host}/{dead}"))));
+        assert!(!worker_is_gone(Some(&format!("elsewhere/{dead} #1"))));
+        assert!(!worker_is_gone(Some("w1 #1")));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_scheduler_leads_and_a_standby_takes_over_when_it_stops() {
+        let mut world = World::new().await;
+        let first = world.start(options(1));
+        until_leader(&world, "the first scheduler to lead", |l| l.is_some()).await;
+        let first_holder = world.leader().await.expect("a leader");
+        let mut second = world.start(options(1));
+
+        let runs = world.launch(6).await;
+        finish(&mut second, &runs).await;
+        let expected = format!("scheduler {first_holder}");
+        assert!(
+            world.taken_by(&runs).await.iter().all(|by| *by == expected),
+            "only the leader schedules: {:?}, leader {first_holder}",
+            world.taken_by(&runs).await
+        );
+        assert_eq!(world.leader().await, Some(first_holder.clone()));
+
+        // Stopping resigns, so the standby takes over without waiting for the lease to end.
+        first.stop().await.expect("the first engine stops");
+        until_leader(&world, "the standby to take over", |l| {
+            l.is_some_and(|l| l != first_holder)
+        })
+        .await;
+        let second_holder = world.leader().await.expect("a leader");
+        let more = world.launch(3).await;
+        finish(&mut second, &more).await;
+        let expected = format!("scheduler {second_holder}");
+        assert!(
+            world.taken_by(&more).await.iter().all(|by| *by == expected),
+            "the new leader schedules: {:?}",
+            world.taken_by(&more).await
+        );
+        second.stop().await.expect("the second engine stops");
+        assert_eq!(world.leader().await, None, "a stopped leader resigns");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standby_takes_over_when_the_leaders_lease_ends() {
+        let mut world = World::new().await;
+        // A leader that stops renewing: the role is held, by a holder no engine runs as.
+        assert!(
+            world
+                .store
+                .try_lead(SCHEDULER_ROLE, "far-away/1 #1", Duration::from_millis(500))
+                .await
+                .expect("try_lead")
+        );
+        let mut engine = world.start(options(1));
+        let runs = world.launch(2).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            world.store.get_run(runs[0]).await.expect("run").status == RunStatus::Ready,
+            "nothing is scheduled while another holds the lease"
+        );
+        finish(&mut engine, &runs).await;
+        let holder = world.leader().await.expect("the standby leads");
+        assert_ne!(holder, "far-away/1 #1");
+        engine.stop().await.expect("stops");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_embedded_engine_follows_the_leader_and_its_runs_still_finish() {
+        let mut world = World::new().await;
+        // A scheduler with no worker: the embedded engine's workers run every attempt.
+        let leader = world.start(options(0));
+        until_leader(&world, "the scheduler to lead", |l| l.is_some()).await;
+        let leader_holder = world.leader().await.expect("a leader");
+
+        let runs = world.launch(4).await;
+        let mut embedded_options = options(2);
+        embedded_options.only_runs = Some(Arc::new(runs.iter().copied().collect()));
+        let mut embedded = world.start(embedded_options);
+        finish(&mut embedded, &runs).await;
+        let expected = format!("scheduler {leader_holder}");
+        assert!(
+            world.taken_by(&runs).await.iter().all(|by| *by == expected),
+            "the embedded scheduler stands by while the leader schedules: {:?}",
+            world.taken_by(&runs).await
+        );
+        assert_eq!(
+            world.leader().await,
+            Some(leader_holder.clone()),
+            "an embedded engine never takes the lease"
+        );
+        embedded.stop().await.expect("stops");
+
+        // With no scheduler leading, an embedded engine drives its own runs, and only those.
+        leader.stop().await.expect("stops");
+        let others = world.launch(2).await;
+        let mine = world.launch(2).await;
+        let mut embedded_options = options(2);
+        embedded_options.only_runs = Some(Arc::new(mine.iter().copied().collect()));
+        let mut embedded = world.start(embedded_options);
+        finish(&mut embedded, &mine).await;
+        assert_eq!(world.leader().await, None, "the follower took no lease");
+        for run in &others {
+            assert_eq!(
+                world.store.get_run(*run).await.expect("run").status,
+                RunStatus::Ready,
+                "runs of others are left to them"
+            );
+        }
+        embedded.stop().await.expect("stops");
     }
 }

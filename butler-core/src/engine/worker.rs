@@ -1,7 +1,7 @@
 //! The worker: takes task messages from the queue, starts the attempts it can claim, keeps their
 //! leases alive, and records each outcome with the attempt's fencing token.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +14,9 @@ use uuid::Uuid;
 
 use super::batch::Batcher;
 use super::plan::TaskMessage;
-use super::{EngineOptions, Stats, retry};
+use super::{
+    EngineOptions, LOST_AFTER_HEARTBEATS, Stats, VERSION, host_name, retry, worker_is_gone,
+};
 use crate::change::{Change, ChangeSet, LeaseChange, TaskChange, TaskExpect};
 use crate::definition::Renderer;
 
@@ -22,12 +24,45 @@ use crate::definition::Renderer;
 type WorkflowCache = HashMap<Id, (Arc<Workflow>, Arc<Renderer>)>;
 use crate::error::{Error, Result};
 use crate::executor::{Attempt, DynExecutor, Finished, Outcome, attempt_dir};
-use crate::model::{Id, TaskInstance, TaskState, Workflow};
+use crate::model::{Id, TaskInstance, TaskState, WorkerInfo, Workflow};
 use crate::queue::{Delivery, DeliveryTag, DynQueue};
 use crate::store::DynRunStore;
 
 /// How a worker's changes are signed in the event log, before the process name.
 pub(crate) const BY_PREFIX: &str = "worker ";
+
+/// The worker names the engines of this process have listed, so that two of them (a Python
+/// client's command and Python workers) do not overwrite each other's entry.
+static LISTED_NAMES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// A name in [`LISTED_NAMES`], given back when dropped.
+struct ListedName(String);
+
+impl ListedName {
+    /// `name`, or `name #instance` if another engine of this process lists `name`.
+    fn claim(name: &str, instance: u64) -> ListedName {
+        let mut names = lock_names();
+        let chosen = if names.contains(name) {
+            format!("{name} #{instance}")
+        } else {
+            name.to_owned()
+        };
+        names.insert(chosen.clone());
+        ListedName(chosen)
+    }
+}
+
+impl Drop for ListedName {
+    fn drop(&mut self) {
+        lock_names().remove(&self.0);
+    }
+}
+
+fn lock_names() -> std::sync::MutexGuard<'static, BTreeSet<String>> {
+    LISTED_NAMES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Attempts a worker takes at once when they are short: enough to fill a group commit.
 const MAX_PREFETCH_PER_SLOT: usize = 64;
@@ -57,6 +92,8 @@ pub(crate) struct Worker {
     configs: Mutex<HashMap<uuid::Uuid, Arc<serde_json::Value>>>,
     /// Mean attempt duration in microseconds, smoothed.
     mean_micros: AtomicU64,
+    /// The worker slots; a permit is held while an attempt runs.
+    slots: Arc<Semaphore>,
 }
 
 impl Worker {
@@ -70,6 +107,7 @@ impl Worker {
         stats: Arc<Stats>,
     ) -> Self {
         let name = format!("{BY_PREFIX}{}", options.signature());
+        let slots = Arc::new(Semaphore::new(options.slots));
         Worker {
             store,
             queue,
@@ -82,11 +120,85 @@ impl Worker {
             workflows: Mutex::new(HashMap::new()),
             configs: Mutex::new(HashMap::new()),
             mean_micros: AtomicU64::new(PREFETCH_HORIZON.as_micros() as u64),
+            slots,
+        }
+    }
+
+    /// Records this worker in the store's worker list now and every
+    /// [`EngineOptions::worker_heartbeat`] until shutdown, then removes it.
+    ///
+    /// Fails at once if another live process already lists a worker of this name.
+    pub async fn announce(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
+        let listed = ListedName::claim(&self.options.name, self.options.instance);
+        let name = listed.0.clone();
+        let host = host_name();
+        let pid = std::process::id();
+        self.check_name_is_free(&name, &host, pid).await?;
+        let started_at = Utc::now();
+        let slots = u32::try_from(self.options.slots).unwrap_or(u32::MAX);
+        loop {
+            let in_use =
+                self.options.slots - self.slots.available_permits().min(self.options.slots);
+            let info = WorkerInfo {
+                name: name.clone(),
+                host: host.clone(),
+                pid,
+                queue: self.options.queue.clone(),
+                slots,
+                running: u32::try_from(in_use).unwrap_or(u32::MAX),
+                version: VERSION.to_owned(),
+                started_at,
+                heartbeat_at: Utc::now(),
+            };
+            // A worker that cannot report itself can still run tasks: say so, and try again.
+            if let Err(err) = self.store.heartbeat_worker(&info).await {
+                warn!(error = %err, worker = %name, "could not record the worker's heartbeat");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.options.worker_heartbeat) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        if let Err(err) = self.store.forget_worker(&name).await {
+            warn!(error = %err, worker = %name, "could not remove the stopped worker from the list");
+        }
+        drop(listed);
+        Ok(())
+    }
+
+    /// Fails with [`Error::Conflict`] if a live worker of another process is listed as `name`.
+    async fn check_name_is_free(&self, name: &str, host: &str, pid: u32) -> Result<()> {
+        let workers = match self.store.list_workers().await {
+            Ok(workers) => workers,
+            Err(err) if err.is_retryable() => {
+                warn!(error = %err, "could not read the worker list to check this worker's name");
+                return Ok(());
+            }
+            Err(err) => return Err(err),
+        };
+        let now = Utc::now();
+        let lost_after = self.options.worker_heartbeat * LOST_AFTER_HEARTBEATS;
+        let taken = workers.into_iter().find(|other| {
+            other.name == name
+                && (other.host != host || other.pid != pid)
+                && !other.is_lost(now, lost_after)
+                && !worker_is_gone(Some(&format!("{}/{}", other.host, other.pid)))
+        });
+        match taken {
+            Some(other) => Err(Error::Conflict(format!(
+                "a worker named {name:?} is already running on {} (pid {}, last heartbeat at \
+                 {}); give this worker another name (`butler worker --name`), or stop that one \
+                 first",
+                other.host,
+                other.pid,
+                other.heartbeat_at.format("%Y-%m-%d %H:%M:%S UTC")
+            ))),
+            None => Ok(()),
         }
     }
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
-        let slots = Arc::new(Semaphore::new(self.options.slots));
+        let slots = self.slots.clone();
         loop {
             if slots.available_permits() == 0 {
                 tokio::select! {
@@ -463,4 +575,224 @@ impl Worker {
 
 fn new_token() -> i64 {
     (Uuid::new_v4().as_u64_pair().0 >> 1) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use chrono::Utc;
+    use serde_json::json;
+
+    use super::super::{DEFAULT_TASK_QUEUE, Engine, EngineOptions, VERSION, host_name};
+    use crate::definition::{Definition, Format};
+    use crate::error::Error;
+    use crate::executor::{Attempt, CancellationToken, Executor, Finished, Outcome};
+    use crate::memory::{MemoryQueue, MemoryRunStore};
+    use crate::model::WorkerInfo;
+    use crate::store::RunStore;
+    use crate::tracker::{RunSource, Tracker};
+
+    /// Attempts take a while, so a heartbeat sees them running.
+    #[derive(Debug)]
+    struct Slow;
+
+    #[async_trait]
+    impl Executor for Slow {
+        async fn execute(&self, attempt: Attempt, _: CancellationToken) -> crate::Result<Finished> {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            Ok(Finished {
+                outcome: Outcome::Exited { code: 0 },
+                log_path: attempt.workdir,
+                duration: Duration::ZERO,
+            })
+        }
+    }
+
+    fn options(name: Option<&str>, slots: usize) -> EngineOptions {
+        let mut options = EngineOptions::new(std::env::temp_dir(), slots);
+        if let Some(name) = name {
+            options.name = name.to_owned();
+        }
+        options.schedule = false;
+        options.poll = Duration::from_millis(20);
+        options.worker_heartbeat = Duration::from_millis(50);
+        options
+    }
+
+    fn start(store: &Arc<MemoryRunStore>, options: EngineOptions) -> Engine {
+        Engine::start(
+            store.clone(),
+            Arc::new(MemoryQueue::new()),
+            Arc::new(Slow),
+            options,
+        )
+    }
+
+    async fn until_listed(
+        store: &MemoryRunStore,
+        what: &str,
+        check: impl Fn(&[WorkerInfo]) -> bool,
+    ) -> Vec<WorkerInfo> {
+        for _ in 0..500 {
+            let workers = store.list_workers().await.expect("list_workers");
+            if check(&workers) {
+                return workers;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "gave up waiting for {what}: {:?}",
+            store.list_workers().await
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workers_list_themselves_while_they_run_and_leave_when_stopped() {
+        let store = Arc::new(MemoryRunStore::new());
+        let named = start(&store, options(Some("w-named"), 2));
+        // A second engine of the process with the same name does not overwrite the first.
+        let twin = start(&store, options(Some("w-twin"), 1));
+        let other_twin = start(&store, options(Some("w-twin"), 1));
+        let workers = until_listed(&store, "three workers", |w| w.len() == 3).await;
+        let named_info = workers
+            .iter()
+            .find(|w| w.name == "w-named")
+            .unwrap_or_else(|| panic!("w-named is listed: {workers:?}"));
+        assert_eq!(named_info.host, host_name());
+        assert_eq!(named_info.pid, std::process::id());
+        assert_eq!(named_info.queue, DEFAULT_TASK_QUEUE);
+        assert_eq!(named_info.slots, 2);
+        assert_eq!(named_info.running, 0);
+        assert_eq!(named_info.version, VERSION);
+        let twins: Vec<&str> = workers
+            .iter()
+            .map(|w| w.name.as_str())
+            .filter(|name| name.starts_with("w-twin"))
+            .collect();
+        assert!(
+            twins.len() == 2 && twins.contains(&"w-twin") && twins[1].starts_with("w-twin #"),
+            "the twin is listed apart: {workers:?}"
+        );
+        assert_eq!(
+            EngineOptions::new(std::env::temp_dir(), 1).name,
+            format!("{}/{}", host_name(), std::process::id()),
+            "the default name is HOST/PID"
+        );
+
+        // Heartbeats go on.
+        let first_beat = named_info.heartbeat_at;
+        until_listed(&store, "a later heartbeat", |w| {
+            w.iter()
+                .any(|w| w.name == "w-named" && w.heartbeat_at > first_beat)
+        })
+        .await;
+
+        for engine in [named, twin, other_twin] {
+            engine.stop().await.expect("stops");
+        }
+        assert!(
+            store.list_workers().await.expect("list").is_empty(),
+            "stopped workers leave the list"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_heartbeat_counts_the_slots_in_use() {
+        let store = Arc::new(MemoryRunStore::new());
+        let tracker = Tracker::new(store.clone());
+        let definition = Definition::parse(
+            "[[tasks]]\nid = \"a\"\nrun = \"x\"\n",
+            Format::Toml,
+            "t.toml",
+        )
+        .expect("definition");
+        let w = tracker
+            .create_workflow("w", "1", json!({}), definition)
+            .await
+            .expect("workflow");
+        let a = tracker
+            .create_analysis("a", Utc::now().date_naive(), json!({}))
+            .await
+            .expect("analysis");
+        let runs: Vec<_> = tracker
+            .launch(
+                w.id,
+                a.id,
+                vec![RunSource {
+                    source: None,
+                    config: json!({}),
+                }],
+                false,
+            )
+            .await
+            .expect("launch")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        let mut options = options(Some("busy"), 3);
+        options.schedule = true;
+        let mut engine = start(&store, options);
+        until_listed(&store, "one slot in use", |w| {
+            w.iter().any(|w| w.name == "busy" && w.running == 1)
+        })
+        .await;
+        engine
+            .wait_for(&runs, |_| {})
+            .await
+            .expect("the run finishes");
+        until_listed(&store, "no slot in use", |w| {
+            w.iter().any(|w| w.name == "busy" && w.running == 0)
+        })
+        .await;
+        engine.stop().await.expect("stops");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_name_a_live_worker_elsewhere_uses_is_refused() {
+        let store = Arc::new(MemoryRunStore::new());
+        let now = Utc::now();
+        let elsewhere = |name: &str, heartbeat_at| WorkerInfo {
+            name: name.to_owned(),
+            host: "elsewhere".to_owned(),
+            pid: 1,
+            queue: DEFAULT_TASK_QUEUE.to_owned(),
+            slots: 1,
+            running: 0,
+            version: VERSION.to_owned(),
+            started_at: now,
+            heartbeat_at,
+        };
+        store
+            .heartbeat_worker(&elsewhere("taken", now))
+            .await
+            .expect("heartbeat");
+        store
+            .heartbeat_worker(&elsewhere("silent", now - chrono::Duration::hours(1)))
+            .await
+            .expect("heartbeat");
+
+        let mut refused = start(&store, options(Some("taken"), 1));
+        let err = refused
+            .run_until(std::future::pending())
+            .await
+            .expect_err("the engine fails");
+        let message = err.to_string();
+        assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+        assert!(
+            message.contains("\"taken\"") && message.contains("elsewhere"),
+            "{message}"
+        );
+
+        // A worker that stopped reporting long ago gives its name up.
+        let reused = start(&store, options(Some("silent"), 1));
+        until_listed(&store, "the name taken over", |w| {
+            w.iter()
+                .any(|w| w.name == "silent" && w.host == host_name())
+        })
+        .await;
+        reused.stop().await.expect("stops");
+    }
 }

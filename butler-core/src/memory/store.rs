@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -12,7 +13,7 @@ use crate::config::{self, Config};
 use crate::error::{Error, Kind, Result};
 use crate::model::{
     Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
-    RunFilter, RunStatus, TaskInstance, TaskState, Workflow,
+    RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo, Workflow,
 };
 use crate::store::RunStore;
 
@@ -38,6 +39,10 @@ struct Inner {
     events: Vec<Event>,
     /// `(workflow, analysis) → run config sha256 → first run with it`: the duplicate index.
     launched: HashMap<(Id, Id), HashMap<String, Id>>,
+    /// Workers by name.
+    workers: BTreeMap<String, WorkerInfo>,
+    /// Role leases by role.
+    leases: HashMap<String, RoleLease>,
 }
 
 impl MemoryRunStore {
@@ -493,6 +498,62 @@ impl RunStore for MemoryRunStore {
 
     async fn last_event_id(&self) -> Result<Id> {
         Ok(Id::try_from(self.lock().events.len()).unwrap_or(Id::MAX))
+    }
+
+    async fn heartbeat_worker(&self, worker: &WorkerInfo) -> Result<()> {
+        self.lock()
+            .workers
+            .insert(worker.name.clone(), worker.clone());
+        Ok(())
+    }
+
+    async fn forget_worker(&self, name: &str) -> Result<()> {
+        self.lock().workers.remove(name);
+        Ok(())
+    }
+
+    async fn list_workers(&self) -> Result<Vec<WorkerInfo>> {
+        Ok(self.lock().workers.values().cloned().collect())
+    }
+
+    async fn try_lead(&self, role: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let now = Utc::now();
+        let until = chrono::Duration::from_std(ttl)
+            .ok()
+            .and_then(|ttl| now.checked_add_signed(ttl))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let mut inner = self.lock();
+        match inner.leases.get_mut(role) {
+            Some(lease) if lease.holder == holder => lease.until = until,
+            Some(lease) if lease.is_held(now) => return Ok(false),
+            _ => {
+                inner.leases.insert(
+                    role.to_owned(),
+                    RoleLease {
+                        role: role.to_owned(),
+                        holder: holder.to_owned(),
+                        since: now,
+                        until,
+                    },
+                );
+            }
+        }
+        Ok(true)
+    }
+
+    async fn resign(&self, role: &str, holder: &str) -> Result<()> {
+        let now = Utc::now();
+        if let Some(lease) = self.lock().leases.get_mut(role)
+            && lease.holder == holder
+            && lease.is_held(now)
+        {
+            lease.until = now;
+        }
+        Ok(())
+    }
+
+    async fn leader(&self, role: &str) -> Result<Option<RoleLease>> {
+        Ok(self.lock().leases.get(role).cloned())
     }
 }
 

@@ -1,15 +1,18 @@
-//! Butler's vocabulary: workflows, analyses, analysis runs and their tasks.
+//! Butler's vocabulary: workflows, analyses, analysis runs and their tasks, and the workers
+//! and schedulers that execute them.
 
 mod analysis;
 mod event;
 mod run;
 mod task;
+mod worker;
 mod workflow;
 
 pub use analysis::{Analysis, NewAnalysis, parse_date};
 pub use event::{Event, EventFilter};
 pub use run::{AnalysisRun, NewRun, NewRuns, RunFilter, RunStatus};
 pub use task::{TaskInstance, TaskState};
+pub use worker::{RoleLease, WorkerInfo};
 pub use workflow::{NewWorkflow, Workflow};
 
 /// Identifier of a workflow, an analysis or a run: small integers, as Butler has always printed.

@@ -6,6 +6,8 @@
 //!
 //! Every check panics with a message naming the broken promise of the [`RunStore`] contract.
 
+use std::time::Duration;
+
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -16,7 +18,7 @@ use crate::definition::Definition;
 use crate::error::Error;
 use crate::model::{
     Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRun, NewRuns,
-    NewWorkflow, RunFilter, RunStatus, TaskInstance, TaskState, Workflow,
+    NewWorkflow, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo, Workflow,
 };
 use crate::store::RunStore;
 
@@ -50,6 +52,10 @@ pub async fn run_all(store: &dyn RunStore) {
     events_record_every_change_in_order(store).await;
     last_event_id_is_the_newest_event(store).await;
     expired_leases_are_running_tasks_with_past_leases(store).await;
+    workers_are_recorded_by_name_and_listed_in_order(store).await;
+    a_role_is_held_by_one_holder_until_it_resigns(store).await;
+    an_expired_lease_goes_to_the_next_holder(store).await;
+    racing_holders_elect_exactly_one(store).await;
 }
 
 /// `get_configs` returns every stored config asked for, whole, and leaves out unknown ids.
@@ -1577,6 +1583,245 @@ pub async fn expired_leases_are_running_tasks_with_past_leases(store: &dyn RunSt
             .is_empty(),
         "limit 0 lists nothing"
     );
+}
+
+/// A heartbeat records a worker whole under its name and the next one replaces it; workers
+/// are listed by name and removed when forgotten.
+pub async fn workers_are_recorded_by_name_and_listed_in_order(store: &dyn RunStore) {
+    let prefix = unique("worker");
+    let started = now_ms() - TimeDelta::seconds(30);
+    let worker = |suffix: &str, pid: u32, running: u32| WorkerInfo {
+        name: format!("{prefix}-{suffix}"),
+        host: "node-7".to_owned(),
+        pid,
+        queue: "butler.tasks".to_owned(),
+        slots: 4,
+        running,
+        version: "1.2.3".to_owned(),
+        started_at: started,
+        heartbeat_at: started + TimeDelta::seconds(1),
+    };
+    let ours = async || -> Vec<WorkerInfo> {
+        store
+            .list_workers()
+            .await
+            .expect("list_workers")
+            .into_iter()
+            .filter(|w| w.name.starts_with(&prefix))
+            .collect()
+    };
+    assert!(
+        ours().await.is_empty(),
+        "no worker before its first heartbeat"
+    );
+
+    let b = worker("b", 20, 0);
+    let a = worker("a", 10, 1);
+    for w in [&b, &a] {
+        store.heartbeat_worker(w).await.expect("heartbeat_worker");
+    }
+    assert_eq!(
+        ours().await,
+        vec![a.clone(), b.clone()],
+        "both workers, whole, ordered by name"
+    );
+
+    let a_again = WorkerInfo {
+        running: 3,
+        queue: "butler.tasks.python".to_owned(),
+        heartbeat_at: now_ms(),
+        ..a.clone()
+    };
+    store
+        .heartbeat_worker(&a_again)
+        .await
+        .expect("a second heartbeat");
+    assert_eq!(
+        ours().await,
+        vec![a_again.clone(), b.clone()],
+        "a heartbeat replaces the worker of its name and adds no other"
+    );
+
+    store.forget_worker(&a.name).await.expect("forget_worker");
+    assert_eq!(ours().await, vec![b.clone()], "a forgotten worker is gone");
+    store
+        .forget_worker(&a.name)
+        .await
+        .expect("forgetting a worker not recorded is not an error");
+    store.forget_worker(&b.name).await.expect("forget_worker");
+    assert!(ours().await.is_empty(), "every worker forgotten");
+}
+
+/// A role's lease goes to one holder, is renewed only by it, and is free for another at once
+/// when it resigns; a resignation by anyone else changes nothing.
+pub async fn a_role_is_held_by_one_holder_until_it_resigns(store: &dyn RunStore) {
+    let role = unique("role");
+    let ttl = Duration::from_secs(60);
+    assert_eq!(
+        store.leader(&role).await.expect("leader"),
+        None,
+        "a role never taken has no lease"
+    );
+
+    let before = now_ms();
+    assert!(
+        store.try_lead(&role, "alpha", ttl).await.expect("try_lead"),
+        "a free role is taken"
+    );
+    let first = store
+        .leader(&role)
+        .await
+        .expect("leader")
+        .expect("a lease once taken");
+    assert_eq!(first.role, role);
+    assert_eq!(first.holder, "alpha");
+    assert!(
+        first.is_held(Utc::now()),
+        "the lease is in force: {first:?}"
+    );
+    assert!(
+        first.until >= before + TimeDelta::seconds(59),
+        "the lease lasts its ttl: {first:?} taken at {before}"
+    );
+
+    assert!(
+        !store.try_lead(&role, "beta", ttl).await.expect("try_lead"),
+        "a lease in force is not taken by another holder"
+    );
+    assert_eq!(
+        store.leader(&role).await.expect("leader").map(|l| l.holder),
+        Some("alpha".to_owned()),
+        "a refused try changes nothing"
+    );
+
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(
+        store.try_lead(&role, "alpha", ttl).await.expect("renew"),
+        "the holder renews its lease"
+    );
+    let renewed = store.leader(&role).await.expect("leader").expect("a lease");
+    assert_eq!(renewed.holder, "alpha");
+    assert_eq!(renewed.since, first.since, "a renewal keeps `since`");
+    assert!(
+        renewed.until >= first.until,
+        "a renewal moves the end forward: {first:?} then {renewed:?}"
+    );
+
+    store
+        .resign(&role, "beta")
+        .await
+        .expect("resigning a role one does not hold");
+    let after_beta = store.leader(&role).await.expect("leader").expect("a lease");
+    assert!(
+        after_beta.holder == "alpha" && after_beta.is_held(Utc::now()),
+        "only the holder can resign: {after_beta:?}"
+    );
+
+    store.resign(&role, "alpha").await.expect("resign");
+    let resigned = store.leader(&role).await.expect("leader").expect("a lease");
+    assert_eq!(
+        resigned.holder, "alpha",
+        "an ended lease still names its last holder"
+    );
+    assert!(
+        !resigned.is_held(Utc::now() + TimeDelta::milliseconds(1)),
+        "a resigned lease has ended: {resigned:?}"
+    );
+    assert!(
+        store.try_lead(&role, "beta", ttl).await.expect("try_lead"),
+        "a resigned role is free for another holder at once"
+    );
+    let taken = store.leader(&role).await.expect("leader").expect("a lease");
+    assert_eq!(taken.holder, "beta");
+    assert!(
+        taken.since >= first.since,
+        "a takeover starts a new lease: {first:?} then {taken:?}"
+    );
+    store.resign(&role, "beta").await.expect("resign");
+}
+
+/// A lease its holder stops renewing ends after its ttl; then another holder takes it, and the
+/// old holder can no longer renew it.
+pub async fn an_expired_lease_goes_to_the_next_holder(store: &dyn RunStore) {
+    let role = unique("role-expiry");
+    let short = Duration::from_millis(100);
+    assert!(
+        store
+            .try_lead(&role, "alpha", short)
+            .await
+            .expect("try_lead")
+    );
+    assert!(
+        !store
+            .try_lead(&role, "beta", short)
+            .await
+            .expect("try_lead"),
+        "the lease is still in force"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let expired = store.leader(&role).await.expect("leader").expect("a lease");
+    assert!(
+        !expired.is_held(Utc::now()),
+        "a lease not renewed within its ttl has ended: {expired:?}"
+    );
+    assert!(
+        store
+            .try_lead(&role, "beta", Duration::from_secs(60))
+            .await
+            .expect("try_lead"),
+        "an expired lease is taken over"
+    );
+    assert!(
+        !store
+            .try_lead(&role, "alpha", Duration::from_secs(60))
+            .await
+            .expect("try_lead"),
+        "the old holder cannot renew a lease taken over"
+    );
+    let lease = store.leader(&role).await.expect("leader").expect("a lease");
+    assert_eq!(lease.holder, "beta");
+    store.resign(&role, "beta").await.expect("resign");
+}
+
+/// Of several holders trying for a free role at the same moment, exactly one wins it.
+pub async fn racing_holders_elect_exactly_one(store: &dyn RunStore) {
+    let role = unique("role-race");
+    let ttl = Duration::from_secs(60);
+    let holders = ["h1", "h2", "h3", "h4", "h5", "h6"];
+    let attempt = |holder: &'static str| {
+        let role = role.clone();
+        async move {
+            let won = store
+                .try_lead(&role, holder, ttl)
+                .await
+                .expect("try_lead in a race");
+            (holder, won)
+        }
+    };
+    let results = tokio::join!(
+        attempt(holders[0]),
+        attempt(holders[1]),
+        attempt(holders[2]),
+        attempt(holders[3]),
+        attempt(holders[4]),
+        attempt(holders[5]),
+    );
+    let results = [
+        results.0, results.1, results.2, results.3, results.4, results.5,
+    ];
+    let winners: Vec<&str> = results
+        .iter()
+        .filter(|(_, won)| *won)
+        .map(|(holder, _)| *holder)
+        .collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one of the racing holders leads: {results:?}"
+    );
+    let lease = store.leader(&role).await.expect("leader").expect("a lease");
+    assert_eq!(lease.holder, winners[0], "the lease names the winner");
+    store.resign(&role, winners[0]).await.expect("resign");
 }
 
 // ---- helpers ----

@@ -13,7 +13,7 @@ use butler_core::config::{self, Config};
 use butler_core::definition::Definition;
 use butler_core::model::{
     Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
-    RunFilter, RunStatus, TaskInstance, Workflow,
+    RoleLease, RunFilter, RunStatus, TaskInstance, WorkerInfo, Workflow,
 };
 use butler_core::{BoxError, Error, Kind, Result, RunStore};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -666,6 +666,103 @@ impl RunStore for SqliteStore {
     async fn last_event_id(&self) -> Result<Id> {
         self.select_last_event_id().await
     }
+
+    async fn heartbeat_worker(&self, worker: &WorkerInfo) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO workers \
+             (name, host, pid, queue, slots, running, version, started_at, heartbeat_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid, \
+             queue = excluded.queue, slots = excluded.slots, running = excluded.running, \
+             version = excluded.version, started_at = excluded.started_at, \
+             heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(&worker.name)
+        .bind(&worker.host)
+        .bind(i64::from(worker.pid))
+        .bind(&worker.queue)
+        .bind(i64::from(worker.slots))
+        .bind(i64::from(worker.running))
+        .bind(&worker.version)
+        .bind(worker.started_at.timestamp_millis())
+        .bind(worker.heartbeat_at.timestamp_millis())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.fail(&format!("record worker {}", worker.name), e))?;
+        Ok(())
+    }
+
+    async fn forget_worker(&self, name: &str) -> Result<()> {
+        sqlx::query("DELETE FROM workers WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.fail(&format!("remove worker {name}"), e))?;
+        Ok(())
+    }
+
+    async fn list_workers(&self) -> Result<Vec<WorkerInfo>> {
+        let rows = sqlx::query(
+            "SELECT name, host, pid, queue, slots, running, version, started_at, heartbeat_at \
+             FROM workers ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.fail("list the workers", e))?;
+        rows.iter()
+            .map(worker_from_row)
+            .collect::<Decoded<Vec<_>>>()
+            .map_err(|e| self.corrupt("a worker", e))
+    }
+
+    async fn try_lead(&self, role: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let now = now_ms();
+        let until = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        // One statement, so the check and the write are one step under SQLite's write lock:
+        // the row is written only if the role is free, ended, or already this holder's.
+        let done = sqlx::query(
+            "INSERT INTO role_leases (role, holder, since, until) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (role) DO UPDATE SET \
+             since = CASE WHEN role_leases.holder = excluded.holder \
+                          THEN role_leases.since ELSE excluded.since END, \
+             holder = excluded.holder, until = excluded.until \
+             WHERE role_leases.holder = excluded.holder OR role_leases.until <= ?3",
+        )
+        .bind(role)
+        .bind(holder)
+        .bind(now)
+        .bind(until)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.fail(&format!("take the {role} lease for {holder}"), e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn resign(&self, role: &str, holder: &str) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE role_leases SET until = ?1 WHERE role = ?2 AND holder = ?3 AND until > ?1",
+        )
+        .bind(now)
+        .bind(role)
+        .bind(holder)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.fail(&format!("end {holder}'s {role} lease"), e))?;
+        Ok(())
+    }
+
+    async fn leader(&self, role: &str) -> Result<Option<RoleLease>> {
+        let row = sqlx::query("SELECT role, holder, since, until FROM role_leases WHERE role = ?")
+            .bind(role)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.fail(&format!("read the {role} lease"), e))?;
+        row.as_ref()
+            .map(lease_from_row)
+            .transpose()
+            .map_err(|e| self.corrupt("a role lease", e))
+    }
 }
 
 type Decoded<T> = std::result::Result<T, BoxError>;
@@ -738,6 +835,29 @@ fn run_from_row(row: &SqliteRow) -> Decoded<AnalysisRun> {
         created_at: from_ms(row.try_get(10)?)?,
         started_at: opt_from_ms(row.try_get(11)?)?,
         ended_at: opt_from_ms(row.try_get(12)?)?,
+    })
+}
+
+fn worker_from_row(row: &SqliteRow) -> Decoded<WorkerInfo> {
+    Ok(WorkerInfo {
+        name: row.try_get(0)?,
+        host: row.try_get(1)?,
+        pid: u32::try_from(row.try_get::<i64, _>(2)?)?,
+        queue: row.try_get(3)?,
+        slots: u32::try_from(row.try_get::<i64, _>(4)?)?,
+        running: u32::try_from(row.try_get::<i64, _>(5)?)?,
+        version: row.try_get(6)?,
+        started_at: from_ms(row.try_get(7)?)?,
+        heartbeat_at: from_ms(row.try_get(8)?)?,
+    })
+}
+
+fn lease_from_row(row: &SqliteRow) -> Decoded<RoleLease> {
+    Ok(RoleLease {
+        role: row.try_get(0)?,
+        holder: row.try_get(1)?,
+        since: from_ms(row.try_get(2)?)?,
+        until: from_ms(row.try_get(3)?)?,
     })
 }
 

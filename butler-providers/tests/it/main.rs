@@ -10,6 +10,8 @@ mod engine;
 mod executor;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "postgres")]
+mod postgres_queue;
 #[cfg(feature = "sqlite")]
 mod queue;
 #[cfg(feature = "sqlite")]

@@ -66,14 +66,27 @@ async fn sqlite_memory_stores_are_separate() {
 
 #[tokio::test]
 async fn connect_store_refuses_unknown_and_missing_backends() {
-    let err = connect_store("postgres://localhost/butler")
+    #[cfg(not(feature = "postgres"))]
+    {
+        let err = connect_store("postgres://localhost/butler")
+            .await
+            .expect_err("no postgres backend in this build");
+        let message = err.to_string();
+        assert!(matches!(err, Error::NotSupported(_)), "{err:?}");
+        assert!(
+            message.contains("postgres") && message.contains("feature"),
+            "names the scheme and the cargo feature: {message}"
+        );
+    }
+
+    let err = connect_store("amqp://guest:secret@localhost/%2f")
         .await
-        .expect_err("no postgres backend in this build");
+        .expect_err("a queue URL is no store");
     let message = err.to_string();
-    assert!(matches!(err, Error::NotSupported(_)), "{err:?}");
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
     assert!(
-        message.contains("postgres") && message.contains("feature"),
-        "names the scheme and the cargo feature: {message}"
+        message.contains("--queue"),
+        "says where it belongs: {message}"
     );
 
     let err = connect_store("foo://bar")
@@ -174,6 +187,87 @@ async fn a_second_store_on_the_same_file_sees_the_first_ones_writes() {
     assert!(later[0].id > runs[1].id);
     let counts = first.count_runs(analysis.id).await.expect("counts");
     assert_eq!(counts.get(&RunStatus::Ready), Some(&4));
+}
+
+/// Stores on one file stand for processes: of several racing for the scheduler's lease, one
+/// wins each round, the others see its lease and its workers, and it passes on when it
+/// resigns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_on_one_file_elect_one_leader_and_share_the_worker_list() {
+    let db = TempDb::new();
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(db.open().await);
+    }
+    let ttl = Duration::from_secs(30);
+    for round in 0..3 {
+        let races: Vec<_> = stores
+            .iter()
+            .enumerate()
+            .map(|(i, store)| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let won = store
+                        .try_lead("scheduler", &format!("p{i}"), ttl)
+                        .await
+                        .expect("try_lead");
+                    (i, won)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for race in races {
+            let (i, won) = race.await.expect("join");
+            if won {
+                winners.push(i);
+            }
+        }
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round}: one leader, got {winners:?}"
+        );
+        let winner = winners[0];
+        for store in &stores {
+            let lease = store
+                .leader("scheduler")
+                .await
+                .expect("leader")
+                .expect("a lease");
+            assert_eq!(
+                lease.holder,
+                format!("p{winner}"),
+                "every store sees the leader"
+            );
+        }
+        // Resigning through another store of the same file frees the role for the next round.
+        stores[(winner + 1) % stores.len()]
+            .resign("scheduler", &format!("p{winner}"))
+            .await
+            .expect("resign");
+    }
+
+    let now = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("now");
+    let worker = butler_core::model::WorkerInfo {
+        name: "w1".to_owned(),
+        host: "node-1".to_owned(),
+        pid: 99,
+        queue: "butler.tasks".to_owned(),
+        slots: 2,
+        running: 1,
+        version: "0.1.0".to_owned(),
+        started_at: now,
+        heartbeat_at: now,
+    };
+    stores[0]
+        .heartbeat_worker(&worker)
+        .await
+        .expect("heartbeat");
+    assert_eq!(
+        stores[3].list_workers().await.expect("list"),
+        vec![worker],
+        "a worker recorded through one store is listed by another"
+    );
 }
 
 #[tokio::test]
