@@ -24,7 +24,8 @@ use crate::store::DynRunStore;
 
 const EVENT_PAGE: u32 = 10_000;
 const CLAIM_PAGE: usize = 1_000;
-/// How often to look for active runs that no live scheduler drives.
+/// How often to look for active runs that no live scheduler drives, and to plan every active
+/// run again from the store.
 const ADOPT_EVERY: chrono::Duration = chrono::Duration::seconds(30);
 
 /// Why [`Scheduler::drive`] returned.
@@ -267,6 +268,10 @@ impl Scheduler {
             }
             if now >= next_adopt {
                 dirty.extend(self.adopt().await?);
+                // Reconciliation: plan every active run from the store now and then, so a change
+                // whose event this scheduler never read (a store may make event ids visible out
+                // of order) still moves its run on.
+                dirty.extend(self.active.keys().copied());
                 next_adopt = now + ADOPT_EVERY;
             }
             let next_deadline = next_poll.min(next_reap).min(next_adopt);
