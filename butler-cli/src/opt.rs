@@ -275,8 +275,8 @@ pub struct Logs {
     /// The run.
     #[arg(short = 'r', long = "run", value_name = "RUN_ID")]
     pub run: Id,
-    /// Only this task [default: every task that started, each under a `==> task (try N) <==`
-    /// header].
+    /// Only this task (by default: every task that started, each under a `==> task (try N) <==`
+    /// header).
     #[arg(short = 't', long = "task", value_name = "TASK")]
     pub task: Option<String>,
     /// This attempt of the task [default: its latest].

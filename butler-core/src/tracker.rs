@@ -1,4 +1,5 @@
-//! The analysis tracker: the operations every frontend offers, on top of a [`RunStore`].
+//! The analysis tracker: the operations every frontend offers, on top of a
+//! [`RunStore`](crate::RunStore).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
