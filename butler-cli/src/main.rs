@@ -1,8 +1,10 @@
 //! `butler`: Butler's command line.
 
 mod commands;
+mod logging;
 mod opt;
 mod output;
+mod server;
 mod settings;
 
 use std::{io::Write, process::ExitCode};

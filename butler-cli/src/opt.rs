@@ -56,7 +56,7 @@ pub enum Command {
     ///
     /// One scheduler leads at a time: a second server (or `butler scheduler`) on the same store
     /// stands by and takes over when the leader stops or dies.
-    Server(Slots),
+    Server(ServerArgs),
     /// Run the scheduler only (no worker) until stopped with Ctrl-C or SIGTERM; tasks run on
     /// `butler worker` processes.
     ///
@@ -85,6 +85,54 @@ pub enum Command {
     ResetRun(ResetRun),
     /// Cancel an unfinished run: its tasks stop and will not start.
     CancelRun(CancelRun),
+    /// Create, list or delete the API tokens of `butler server`.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// Arguments of `server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// How many attempts run at once.
+    #[command(flatten)]
+    pub slots: Slots,
+    /// Where the HTTP API, the dashboard and /metrics listen.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Serve without API tokens: anyone who can reach --listen may read, launch, reset and
+    /// cancel. For local use only.
+    #[arg(long)]
+    pub no_auth: bool,
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print its secret, which is shown only this once.
+    Create(TokenCreate),
+    /// List the tokens: name, scope and creation time (never the secrets).
+    List(JsonFlag),
+    /// Delete a token: its secret stops working at once.
+    Delete(TokenName),
+}
+
+/// Arguments of `token create`.
+#[derive(Debug, Args)]
+pub struct TokenCreate {
+    /// Unique name, e.g. the program or person using it.
+    #[arg(short = 'n', long = "name", value_name = "NAME")]
+    pub name: String,
+    /// The token may read everything but cannot launch, reset or cancel.
+    #[arg(long)]
+    pub read_only: bool,
+}
+
+/// Arguments of `token delete`.
+#[derive(Debug, Args)]
+pub struct TokenName {
+    /// The token's name.
+    #[arg(short = 'n', long = "name", value_name = "NAME")]
+    pub name: String,
 }
 
 /// `--json` for commands that print a table.

@@ -72,6 +72,8 @@ pub enum Kind {
     Config,
     /// A task of a run.
     Task,
+    /// An API token of the server.
+    Token,
 }
 
 impl fmt::Display for Kind {
@@ -82,6 +84,7 @@ impl fmt::Display for Kind {
             Kind::Run => "run",
             Kind::Config => "config",
             Kind::Task => "task",
+            Kind::Token => "token",
         })
     }
 }
@@ -95,6 +98,7 @@ impl Error {
             Kind::Run => "list them with `butler list-runs`",
             Kind::Config => "config ids are printed by `butler list-workflows` and `list-analyses`",
             Kind::Task => "the run's tasks are shown by `butler run-status`",
+            Kind::Token => "list them with `butler token list`",
         };
         Error::NotFound {
             kind,
@@ -117,6 +121,14 @@ impl Error {
             message: message.into(),
             source: source.into(),
         }
+    }
+
+    /// The [`Error::AlreadyExists`] of a second token with the same name.
+    pub fn token_exists(name: &str) -> Self {
+        Error::AlreadyExists(format!(
+            "a token named {name:?} already exists; choose another name, or delete it first \
+             with `butler token delete --name {name}`"
+        ))
     }
 
     /// Whether trying the same call again later can succeed.

@@ -36,6 +36,11 @@ pub fn attempt_dir(home: &Path, run_id: Id, task_id: &str, try_number: u32) -> P
         .join(try_number.to_string())
 }
 
+/// The output log of one attempt: [`LOG_FILE`] in its [`attempt_dir`].
+pub fn log_file(home: &Path, run_id: Id, task_id: &str, try_number: u32) -> PathBuf {
+    attempt_dir(home, run_id, task_id, try_number).join(LOG_FILE)
+}
+
 /// One task attempt to execute.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attempt {

@@ -8,6 +8,7 @@ mod error;
 pub mod executor;
 pub mod memory;
 pub mod model;
+pub mod notify;
 pub mod queue;
 mod store;
 #[cfg(feature = "testing")]

@@ -12,8 +12,9 @@ use crate::change::ChangeSet;
 use crate::config::Config;
 use crate::error::Result;
 use crate::model::{
-    Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
-    RoleLease, RunFilter, RunStatus, TaskInstance, WorkerInfo, Workflow,
+    Analysis, AnalysisRun, ApiToken, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns,
+    NewToken, NewWorkflow, RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo,
+    Workflow,
 };
 
 /// A run store shared across tasks and threads.
@@ -90,11 +91,18 @@ pub trait RunStore: Send + Sync + Debug + 'static {
     /// The run with this id.
     async fn get_run(&self, id: Id) -> Result<AnalysisRun>;
 
-    /// The runs matching `filter`, ordered by id.
+    /// The runs matching `filter`, ordered by id (descending with `newest_first`).
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<AnalysisRun>>;
 
-    /// How many runs of the analysis are in each state; states with no run are absent.
-    async fn count_runs(&self, analysis_id: Id) -> Result<BTreeMap<RunStatus, u64>>;
+    /// How many runs of the filter's workflow and analysis (all runs when neither is given)
+    /// are in each state; states with no run are absent. The filter's other fields are
+    /// ignored. A workflow or analysis that does not exist is
+    /// [`Error::NotFound`](crate::Error::NotFound).
+    async fn count_runs(&self, filter: &RunFilter) -> Result<BTreeMap<RunStatus, u64>>;
+
+    /// How many tasks of unfinished runs (ready, scheduled or in progress) are in each state;
+    /// states with no task are absent. Cheap with many finished runs in the store.
+    async fn count_active_tasks(&self) -> Result<BTreeMap<TaskState, u64>>;
 
     /// Applies change sets in one transaction (group commit): each set is applied entirely if
     /// every compare-and-set in it holds, or not at all; the answer says which sets applied.
@@ -144,4 +152,19 @@ pub trait RunStore: Send + Sync + Debug + 'static {
 
     /// The lease of `role`, in force or ended; `None` if the role was never taken.
     async fn leader(&self, role: &str) -> Result<Option<RoleLease>>;
+
+    /// Stores an API token; a token of the same name is
+    /// [`Error::AlreadyExists`](crate::Error::AlreadyExists).
+    async fn create_token(&self, token: NewToken) -> Result<ApiToken>;
+
+    /// The token whose secret hashes to `hash` ([`hash_token`](crate::model::hash_token)),
+    /// if any.
+    async fn find_token(&self, hash: &str) -> Result<Option<ApiToken>>;
+
+    /// Every token, ordered by name.
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>>;
+
+    /// Deletes the token of that name, so its secret stops working at once; a missing name is
+    /// [`Error::NotFound`](crate::Error::NotFound).
+    async fn delete_token(&self, name: &str) -> Result<()>;
 }

@@ -14,7 +14,7 @@ use crate::engine::control::{self, ResetScope};
 use crate::error::{Error, Result};
 use crate::model::{
     Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRun, NewRuns,
-    NewWorkflow, RunStatus, TaskInstance, Workflow,
+    NewWorkflow, RunFilter, RunStatus, TaskInstance, Workflow,
 };
 
 /// Who users' changes are by, in the event log.
@@ -228,6 +228,18 @@ impl Tracker {
             .await
     }
 
+    /// [`Tracker::reset_run`] recorded in the event log as made by `by` (e.g. `api`).
+    pub async fn reset_run_by(&self, run_id: Id, scope: ResetScope, by: &str) -> Result<()> {
+        self.change_run(run_id, |run, tasks| control::reset(run, tasks, scope, by))
+            .await
+    }
+
+    /// [`Tracker::cancel_run`] recorded in the event log as made by `by` (e.g. `api`).
+    pub async fn cancel_run_by(&self, run_id: Id, by: &str) -> Result<()> {
+        self.change_run(run_id, |run, tasks| control::cancel(run, tasks, by))
+            .await
+    }
+
     /// Applies the changes `build` makes from the run as stored, again if the engine moved the
     /// run in between.
     async fn change_run(
@@ -249,8 +261,31 @@ impl Tracker {
 
     /// How many runs of analysis `analysis_id` are in each state; every state is present.
     pub async fn run_counts(&self, analysis_id: Id) -> Result<BTreeMap<RunStatus, u64>> {
-        self.store.get_analysis(analysis_id).await?;
-        let mut counts = self.store.count_runs(analysis_id).await?;
+        let filter = RunFilter {
+            analysis_id: Some(analysis_id),
+            ..RunFilter::default()
+        };
+        let mut counts = self.store.count_runs(&filter).await?;
+        for status in RunStatus::ALL {
+            counts.entry(status).or_insert(0);
+        }
+        Ok(counts)
+    }
+
+    /// How many runs of workflow `workflow_id` and analysis `analysis_id` (each optional; all
+    /// runs when neither is given) are in each state; every state is present. A workflow or
+    /// analysis that does not exist is [`Error::NotFound`].
+    pub async fn count_runs(
+        &self,
+        workflow_id: Option<Id>,
+        analysis_id: Option<Id>,
+    ) -> Result<BTreeMap<RunStatus, u64>> {
+        let filter = RunFilter {
+            workflow_id,
+            analysis_id,
+            ..RunFilter::default()
+        };
+        let mut counts = self.store.count_runs(&filter).await?;
         for status in RunStatus::ALL {
             counts.entry(status).or_insert(0);
         }

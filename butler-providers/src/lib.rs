@@ -6,6 +6,8 @@
 pub mod amqp;
 pub mod connect;
 pub mod local;
+#[cfg(feature = "notify")]
+pub mod notify;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]

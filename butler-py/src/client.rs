@@ -418,6 +418,7 @@ impl Client {
                 .map_err(to_py)?,
             after_id: None,
             limit: None,
+            newest_first: false,
         };
         let conn = self.conn.clone();
         let runs = block_on(py, async move {

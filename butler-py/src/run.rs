@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use butler_core::executor::{LOG_FILE, attempt_dir};
-use butler_core::model::{AnalysisRun, Id, TaskInstance, TaskState};
+use butler_core::model::{AnalysisRun, Id, TaskInstance};
 use chrono::{DateTime, Utc};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -189,7 +189,7 @@ impl Run {
         py.detach(|| {
             let mut out = String::new();
             for task in chosen {
-                let try_number = last_started(task);
+                let try_number = task.last_started_try();
                 if try_number == 0 {
                     continue;
                 }
@@ -232,7 +232,7 @@ impl Run {
         let Some(found) = tasks.iter().find(|t| t.task_id == task) else {
             return Err(no_such_task(run.id, &task, &tasks));
         };
-        let try_number = last_started(found);
+        let try_number = found.last_started_try();
         if try_number == 0 {
             return Ok(py.None().into_bound(py));
         }
@@ -296,15 +296,6 @@ fn no_such_task(run: Id, task_id: &str, tasks: &[TaskInstance]) -> PyErr {
     ))
 }
 
-/// The task's latest attempt that started, 0 if none did: a queued task's try number is that of
-/// the attempt it waits to start.
-fn last_started(task: &TaskInstance) -> u32 {
-    if task.state == TaskState::Queued {
-        task.try_number.saturating_sub(1)
-    } else {
-        task.try_number
-    }
-}
 
 /// The run id of `obj`: a [`Run`] or an `int`.
 pub(crate) fn run_id(obj: &Bound<'_, PyAny>) -> PyResult<Id> {

@@ -391,7 +391,10 @@ pub async fn memory(args: &Args) -> anyhow::Result<Vec<Figure>> {
     loop {
         let ready = s
             .store
-            .count_runs(s.analysis)
+            .count_runs(&butler_core::model::RunFilter {
+            analysis_id: Some(s.analysis),
+            ..Default::default()
+        })
             .await?
             .get(&RunStatus::Ready)
             .copied()

@@ -4,50 +4,19 @@ use std::time::{Duration, Instant};
 
 use butler_core::RunStore;
 use butler_core::model::{RunFilter, RunStatus};
-use butler_core::tracker::RunSource;
 
-use super::{Args, fixture, median, open_store, sample_config};
+use super::{ANALYSES, Args, fixture, median, open_store, seed_runs};
 use crate::report::Figure;
 
-const ANALYSES: usize = 100;
 const REPEATS: usize = 25;
 
 pub async fn run(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let total = args.size.unwrap_or(1_000_000);
-    let per_analysis = total / ANALYSES;
     let dir = tempfile::tempdir()?;
     let store = open_store(dir.path(), args.durability).await?;
     let (tracker, workflow, first_analysis) = fixture(&store).await?;
 
-    eprintln!("preparing {total} runs in {ANALYSES} analyses…");
-    let mut analyses = vec![first_analysis];
-    for i in 1..ANALYSES {
-        let a = tracker
-            .create_analysis(
-                &format!("bench-{i}"),
-                chrono::Utc::now().date_naive(),
-                serde_json::json!({}),
-            )
-            .await?;
-        analyses.push(a.id);
-    }
-    for (n, analysis) in analyses.iter().enumerate() {
-        let sources = (0..per_analysis)
-            .map(|i| RunSource {
-                source: None,
-                config: sample_config(n * per_analysis + i),
-            })
-            .collect();
-        tracker.launch(workflow, *analysis, sources, false).await?;
-    }
-    // A realistic mix of states: most runs done, some failed, some still going.
-    sqlx::query(
-        "UPDATE runs SET status = CASE id % 10 WHEN 0 THEN 'error' WHEN 1 THEN 'in-progress' \
-         ELSE 'completed' END",
-    )
-    .execute(store.pool())
-    .await?;
-    sqlx::query("ANALYZE").execute(store.pool()).await?;
+    let analyses = seed_runs(&store, &tracker, workflow, first_analysis, total, 10).await?;
 
     let target = analyses[ANALYSES / 2];
     let mut figures = Vec::new();

@@ -3,6 +3,7 @@
 mod engine;
 mod launch;
 mod list;
+mod server;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -57,6 +58,9 @@ pub enum Scenario {
     Latency,
     /// Process memory with 100,000 runs in flight.
     Memory,
+    /// HTTP answer times of `butler server` (runs API, runs page, /metrics) with 1,000,000
+    /// runs in the store, 10,000 of them active, measured with `wrk`.
+    Server,
 }
 
 /// `--durability`.
@@ -76,6 +80,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Figure>> {
         Scenario::Shell => engine::shell(args).await,
         Scenario::Latency => engine::latency(args).await,
         Scenario::Memory => engine::memory(args).await,
+        Scenario::Server => server::run(args).await,
     }
 }
 
@@ -131,6 +136,53 @@ pub fn sample_config(i: usize) -> serde_json::Value {
         "fastq": [format!("/data/S{i:07}_R1.fastq.gz"), format!("/data/S{i:07}_R2.fastq.gz")],
         "tools": {"aligner": {"min_seed": 17 + (i % 5)}},
     })
+}
+
+/// How many analyses [`seed_runs`] spreads its runs over.
+pub const ANALYSES: usize = 100;
+
+/// Launches `total` runs of `workflow` over [`ANALYSES`] analyses (the first is `first`) and
+/// gives them a realistic mix of states: one in `active_every` still in progress, one in ten
+/// failed, the rest completed. Returns the analyses' ids.
+pub async fn seed_runs(
+    store: &SqliteStore,
+    tracker: &Tracker,
+    workflow: i64,
+    first: i64,
+    total: usize,
+    active_every: i64,
+) -> anyhow::Result<Vec<i64>> {
+    eprintln!("preparing {total} runs in {ANALYSES} analyses…");
+    let per_analysis = total / ANALYSES;
+    let mut analyses = vec![first];
+    for i in 1..ANALYSES {
+        let a = tracker
+            .create_analysis(
+                &format!("bench-{i}"),
+                chrono::Utc::now().date_naive(),
+                serde_json::json!({}),
+            )
+            .await?;
+        analyses.push(a.id);
+    }
+    for (n, analysis) in analyses.iter().enumerate() {
+        let sources = (0..per_analysis)
+            .map(|i| butler_core::tracker::RunSource {
+                source: None,
+                config: sample_config(n * per_analysis + i),
+            })
+            .collect();
+        tracker.launch(workflow, *analysis, sources, false).await?;
+    }
+    sqlx::query(
+        "UPDATE runs SET status = CASE WHEN id % ?1 = 1 THEN 'in-progress' \
+         WHEN id % 10 = 0 THEN 'error' ELSE 'completed' END",
+    )
+    .bind(active_every)
+    .execute(store.pool())
+    .await?;
+    sqlx::query("ANALYZE").execute(store.pool()).await?;
+    Ok(analyses)
 }
 
 /// Median of `samples`.

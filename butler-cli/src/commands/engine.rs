@@ -19,7 +19,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
 use super::launch;
-use crate::opt::{LaunchWorkflow, Slots, Wait, WorkerArgs};
+use crate::opt::{LaunchWorkflow, ServerArgs, Wait, WorkerArgs};
+use crate::server::{self, AppState, Auth};
 use crate::output;
 use crate::settings::Settings;
 
@@ -63,6 +64,7 @@ pub async fn wait(settings: &Settings, backends: &Backends, args: Wait) -> Resul
             status: Some(status),
             after_id: None,
             limit: None,
+            newest_first: false,
         };
         runs.extend(
             backends
@@ -87,17 +89,51 @@ pub async fn wait(settings: &Settings, backends: &Backends, args: Wait) -> Resul
     run_to_the_end(settings, backends, &runs, slots).await
 }
 
-/// Schedules and executes runs until stopped by a signal.
-pub async fn server(settings: &Settings, backends: &Backends, args: Slots) -> Result<()> {
-    let slots = settings.slots(args.slots);
+/// Schedules and executes runs, and serves the HTTP API, the dashboard and the metrics, until
+/// stopped by a signal.
+pub async fn server(settings: &Settings, backends: &Backends, args: ServerArgs) -> Result<()> {
+    let slots = settings.slots(args.slots.slots);
     let options = settings.engine_options(slots)?;
+    let listener = server::bind(args.listen).await?;
+    // With port 0 the system picks one: print the one it picked.
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    let auth = if args.no_auth { Auth::Open } else { Auth::Tokens };
+    let state = AppState::new(
+        backends,
+        options.queue.clone(),
+        settings.home().to_owned(),
+        auth,
+    )
+    .with_lost_after(settings.lost_after()?);
     eprintln!(
         "Butler server {}: scheduling runs with {slots} worker {} (standing by while another \
-         scheduler leads); stop with Ctrl-C or SIGTERM",
+         scheduler leads); dashboard and API on http://{}/; stop with Ctrl-C or SIGTERM",
         options.name,
-        plural(slots, "slot", "slots")
+        plural(slots, "slot", "slots"),
+        addr
     );
-    serve(backends, options).await
+    match auth {
+        Auth::Open if !addr.ip().is_loopback() => eprintln!(
+            "warning: --no-auth on {addr}: anyone who can reach it may launch, reset and cancel \
+             runs"
+        ),
+        Auth::Open => {}
+        Auth::Tokens => {
+            if backends.store.list_tokens().await?.is_empty() {
+                eprintln!(
+                    "No API token exists yet: create one with `butler token create --name NAME`"
+                );
+            }
+        }
+    }
+    let (stop_http, http_stop) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(server::serve(listener, server::router(state), async {
+        let _ = http_stop.await;
+    }));
+    let served = serve(backends, options).await;
+    let _ = stop_http.send(());
+    http.await.context("the HTTP server panicked")??;
+    served
 }
 
 /// Schedules runs, with no worker of its own, until stopped by a signal.
@@ -134,12 +170,19 @@ pub async fn worker(settings: &Settings, backends: &Backends, args: WorkerArgs) 
 /// left to their leases.
 async fn serve(backends: &Backends, options: EngineOptions) -> Result<()> {
     let stop = stop_signal()?;
+    // Alerts and reports (docs/alerts.md): none for a worker, or without a notify config.
+    let alerts = butler_providers::notify::start_watcher(backends.store.clone(), &options, None)
+        .await
+        .context("cannot start alerts and reports")?;
     let mut engine = start(backends, options);
     // A failed part has already been joined, so the engine is not stopped in order then: the
     // rest ends with the process.
     engine.run_until(stop).await.context("the engine stopped")?;
     eprintln!("Stopping: attempts still running are put back when their leases end");
     engine.stop().await?;
+    if let Some(alerts) = alerts {
+        alerts.stop().await;
+    }
     Ok(())
 }
 

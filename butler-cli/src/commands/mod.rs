@@ -7,6 +7,7 @@ mod engine;
 mod launch;
 mod runs;
 mod status;
+mod tokens;
 mod workers;
 mod workflow;
 
@@ -14,19 +15,16 @@ use std::io::{self, Write};
 
 use anyhow::{Context, Result};
 use butler_core::tracker::Tracker;
-use tracing_subscriber::EnvFilter;
 
 use crate::opt::{Command, Opt};
 use crate::settings::Settings;
 
 /// Runs the command line `opt` to completion.
 pub fn run(opt: Opt) -> Result<()> {
-    let filter = EnvFilter::try_from_env("BUTLER_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    // A second initialisation can only fail in tests that call `run` twice; logging stays as set.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .try_init();
+    crate::logging::init(matches!(
+        opt.command,
+        Command::Server(_) | Command::Scheduler | Command::Worker(_)
+    ))?;
     let settings = Settings::new(opt.db, opt.queue)?;
     // The engine runs its scheduler, its worker slots and their processes side by side; the
     // other commands make a few store calls in a row.
@@ -89,6 +87,7 @@ async fn connected(settings: &Settings, command: Command, out: &mut impl Write) 
         Command::Events(args) => status::events(&tracker, args, out).await?,
         Command::ResetRun(args) => status::reset(&tracker, args, out).await?,
         Command::CancelRun(args) => status::cancel(&tracker, args, out).await?,
+        Command::Token(command) => tokens::run(&tracker, command, out).await?,
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ pub async fn list(tracker: &Tracker, args: ListRuns, out: &mut impl Write) -> Re
         status: args.status.as_deref().map(str::parse).transpose()?,
         after_id: None,
         limit: args.limit,
+        newest_first: false,
     };
     let mut table = Table::new(&[
         "ID", "WORKFLOW", "ANALYSIS", "STATUS", "SOURCE", "CREATED", "STARTED", "ENDED",

@@ -3,13 +3,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use butler_core::engine::control::ResetScope;
-use butler_core::executor::{LOG_FILE, attempt_dir};
-use butler_core::model::{AnalysisRun, Id, TaskInstance, TaskState};
+use butler_core::executor::log_file;
+use butler_core::model::{AnalysisRun, TaskInstance, TaskState};
 use butler_core::tracker::Tracker;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -166,7 +166,7 @@ pub async fn logs(tracker: &Tracker, home: &Path, args: Logs, out: &mut impl Wri
     if let Some(task) = chosen {
         let try_number = match args.try_number {
             Some(try_number) => try_number,
-            None => match last_started(task) {
+            None => match task.last_started_try() {
                 0 => bail!(
                     "task `{}` of run {} has not started yet (it is {}); its log appears once \
                      it runs: follow it with `butler logs -r {} -t {} -f`",
@@ -179,7 +179,7 @@ pub async fn logs(tracker: &Tracker, home: &Path, args: Logs, out: &mut impl Wri
                 last => last,
             },
         };
-        let path = log_path(home, run.id, &task.task_id, try_number);
+        let path = log_file(home, run.id, &task.task_id, try_number);
         if !tail.pump(&path, &task.task_id, try_number, true, out)? {
             bail!(
                 "task `{}` try {try_number} of run {} left no log at {}: it failed before its \
@@ -195,11 +195,11 @@ pub async fn logs(tracker: &Tracker, home: &Path, args: Logs, out: &mut impl Wri
     }
     let mut any = false;
     for task in &tasks {
-        let try_number = last_started(task);
+        let try_number = task.last_started_try();
         if try_number == 0 {
             continue;
         }
-        let path = log_path(home, run.id, &task.task_id, try_number);
+        let path = log_file(home, run.id, &task.task_id, try_number);
         if tail.pump(&path, &task.task_id, try_number, true, out)? {
             any = true;
         } else {
@@ -246,7 +246,7 @@ async fn follow(tracker: &Tracker, home: &Path, args: &Logs, out: &mut impl Writ
                 (None, _) => false,
             };
         for task in selected {
-            let last = last_started(task);
+            let last = task.last_started_try();
             let first = *from
                 .entry(task.task_id.clone())
                 .or_insert_with(|| args.try_number.unwrap_or(last.max(1)));
@@ -254,7 +254,7 @@ async fn follow(tracker: &Tracker, home: &Path, args: &Logs, out: &mut impl Writ
                 .try_number
                 .map_or(last, |try_number| try_number.min(last));
             for try_number in first..=upto {
-                let path = log_path(home, run.id, &task.task_id, try_number);
+                let path = log_file(home, run.id, &task.task_id, try_number);
                 tail.pump(&path, &task.task_id, try_number, false, out)?;
             }
         }
@@ -370,19 +370,7 @@ fn check_try(run: &AnalysisRun, task: &TaskInstance, try_number: u32) -> Result<
     Ok(())
 }
 
-/// The task's latest attempt that started, 0 if none did: a queued task's try number is that of
-/// the attempt it waits to start.
-fn last_started(task: &TaskInstance) -> u32 {
-    if task.state == TaskState::Queued {
-        task.try_number.saturating_sub(1)
-    } else {
-        task.try_number
-    }
-}
 
-fn log_path(home: &Path, run_id: Id, task_id: &str, try_number: u32) -> PathBuf {
-    attempt_dir(home, run_id, task_id, try_number).join(LOG_FILE)
-}
 
 /// How long the task's latest attempt ran, or has been running.
 fn task_duration(task: &TaskInstance, now: DateTime<Utc>) -> Option<Duration> {

@@ -50,6 +50,48 @@ pub struct Definition {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    /// A run still unfinished this long after it started is reported overdue (it keeps
+    /// running): the `run_overdue` alert of [`crate::notify`].
+    #[serde(
+        default,
+        with = "duration_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expected_duration: Option<Duration>,
+    /// Which notifiers hear about this workflow's runs, instead of the defaults of the notify
+    /// config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<WorkflowNotify>,
+}
+
+/// The `[notify]` table of a definition: the notifiers (declared in the notify config) that
+/// receive this workflow's alerts. A list given here replaces the config's default for that
+/// alert; an empty list silences it; a list left out keeps the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowNotify {
+    /// Notifiers told when a run ends in `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<Vec<String>>,
+    /// Notifiers told when a run outlasts `expected_duration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_overdue: Option<Vec<String>>,
+}
+
+impl WorkflowNotify {
+    /// Every notifier name the table mentions, with the key that mentions it.
+    pub fn names(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.on_failure
+            .iter()
+            .flatten()
+            .map(|n| ("on_failure", n.as_str()))
+            .chain(
+                self.on_overdue
+                    .iter()
+                    .flatten()
+                    .map(|n| ("on_overdue", n.as_str())),
+            )
+    }
 }
 
 /// One task of a workflow definition.
@@ -146,8 +188,12 @@ impl Definition {
     /// or malformed task id (ids are `[A-Za-z0-9_.-]+`, as they become directory names), an empty
     /// `run`, a need naming an unknown task or the task itself, a cycle of needs, a template
     /// syntax error or a variable other than `config` in `run` or an `env` value, a malformed
-    /// `env` name, `max_active_runs = 0`, a zero `timeout`, and a `max_retry_delay` shorter than
-    /// the `retry_delay`.
+    /// `env` name, `max_active_runs = 0`, a zero `timeout`, a `max_retry_delay` shorter than
+    /// the `retry_delay`, a zero `expected_duration` or one not shorter than the `timeout`, a
+    /// `[notify]` table naming a notifier twice or with a malformed name, and `on_overdue`
+    /// without an `expected_duration`. Whether the notifiers it names are declared is checked
+    /// against the notify config by
+    /// [`NotifyConfig::check_definition`](crate::notify::NotifyConfig::check_definition).
     pub fn parse(text: &str, format: Format, source: &str) -> Result<Definition> {
         parse::parse(text, format, source)
     }

@@ -140,6 +140,8 @@ fn validate(definition: &Definition, source: &str) -> Result<()> {
         )));
     }
 
+    check_alerts(definition, source)?;
+
     let mut first_seen: HashMap<&str, usize> = HashMap::new();
     for (i, task) in definition.tasks.iter().enumerate() {
         check_task(task, source)?;
@@ -182,6 +184,63 @@ fn validate(definition: &Definition, source: &str) -> Result<()> {
     }
 
     render::compile(definition, Some(source)).map(drop)
+}
+
+/// `expected_duration` and the `[notify]` table.
+fn check_alerts(definition: &Definition, source: &str) -> Result<()> {
+    if let Some(expected) = definition.expected_duration {
+        if expected == Duration::ZERO {
+            return Err(invalid(format!(
+                "{source}: a zero `expected_duration` would report every run overdue at once; \
+                 give a duration such as \"2h\", or remove it"
+            )));
+        }
+        if let Some(timeout) = definition.timeout
+            && expected >= timeout
+        {
+            return Err(invalid(format!(
+                "{source}: `expected_duration` ({}) is not shorter than `timeout` ({}), so a run \
+                 would fail before it is overdue; lower `expected_duration` or raise `timeout`",
+                humantime::format_duration(expected),
+                humantime::format_duration(timeout)
+            )));
+        }
+    }
+    let Some(notify) = &definition.notify else {
+        return Ok(());
+    };
+    if notify
+        .on_overdue
+        .as_ref()
+        .is_some_and(|names| !names.is_empty())
+        && definition.expected_duration.is_none()
+    {
+        return Err(invalid(format!(
+            "{source}: `[notify] on_overdue` names notifiers, but no run can be overdue without \
+             an `expected_duration`; add one such as `expected_duration = \"2h\"`"
+        )));
+    }
+    for (key, names) in [
+        ("on_failure", &notify.on_failure),
+        ("on_overdue", &notify.on_overdue),
+    ] {
+        let names = names.as_deref().unwrap_or_default();
+        for (i, name) in names.iter().enumerate() {
+            if !crate::notify::is_notifier_name(name) {
+                return Err(invalid(format!(
+                    "{source}: `[notify] {key}` names notifier {name:?}, which is not a valid \
+                     name; use the name of a `[notifiers.NAME]` table of the notify config \
+                     (letters, digits, `_`, `.` and `-`)"
+                )));
+            }
+            if names[..i].contains(name) {
+                return Err(invalid(format!(
+                    "{source}: `[notify] {key}` names notifier `{name}` twice; keep one"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_task(task: &TaskDef, source: &str) -> Result<()> {
@@ -651,6 +710,62 @@ mod tests {
             &msg,
             &["must be an object with a `tasks` array", "found an array"],
         );
+    }
+
+    #[test]
+    fn alert_keys_are_read_and_kept_through_a_round_trip() {
+        let text = "timeout = \"3h\"\nexpected_duration = \"2h\"\n\
+                    [notify]\non_failure = [\"ops-slack\", \"ops.mail\"]\non_overdue = []\n\
+                    [[tasks]]\nid = \"a\"\nrun = \"x\"\n";
+        let def = Definition::parse(text, Format::Toml, "wf.toml").unwrap();
+        assert_eq!(def.expected_duration, Some(Duration::from_secs(7200)));
+        let notify = def.notify.clone().unwrap();
+        assert_eq!(
+            notify.on_failure.as_deref(),
+            Some(&["ops-slack".to_owned(), "ops.mail".to_owned()][..])
+        );
+        assert_eq!(notify.on_overdue.as_deref(), Some(&[][..]));
+        assert_eq!(
+            notify.names().collect::<Vec<_>>(),
+            [("on_failure", "ops-slack"), ("on_failure", "ops.mail")]
+        );
+        let again = serde_json::to_string(&def).unwrap();
+        assert_eq!(
+            Definition::parse(&again, Format::Json, "again").unwrap(),
+            def
+        );
+        // A definition without them serializes as before, so stored ones read back unchanged.
+        let plain =
+            Definition::parse("[[tasks]]\nid = \"a\"\nrun = \"x\"\n", Format::Toml, "p").unwrap();
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(
+            !json.contains("notify") && !json.contains("expected"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn bad_alert_keys_are_rejected_with_the_fix() {
+        let tasks = "[[tasks]]\nid = \"a\"\nrun = \"x\"\n";
+        let msg = toml_error(&format!("expected_duration = \"0s\"\n{tasks}"));
+        assert_contains(&msg, &["zero `expected_duration`"]);
+        let msg = toml_error(&format!(
+            "timeout = \"1h\"\nexpected_duration = \"2h\"\n{tasks}"
+        ));
+        assert_contains(&msg, &["`expected_duration` (2h)", "`timeout` (1h)"]);
+        let msg = toml_error(&format!("expected_duration = \"soon\"\n{tasks}"));
+        assert_contains(&msg, &["bad duration \"soon\""]);
+        let msg = toml_error(&format!("[notify]\non_overdue = [\"ops\"]\n{tasks}"));
+        assert_contains(&msg, &["on_overdue", "expected_duration = \"2h\""]);
+        let msg = toml_error(&format!("[notify]\non_failure = [\"a b\"]\n{tasks}"));
+        assert_contains(&msg, &["on_failure", "\"a b\"", "not a valid name"]);
+        let msg = toml_error(&format!("[notify]\non_failure = [\"x\", \"x\"]\n{tasks}"));
+        assert_contains(&msg, &["`x` twice"]);
+        let msg = toml_error(&format!("[notify]\non_fail = [\"x\"]\n{tasks}"));
+        assert_contains(&msg, &["unknown field `on_fail`", "`on_failure`"]);
+        let msg =
+            json_error(r#"{"notify": {"on_failure": "x"}, "tasks": [{"id": "a", "run": "x"}]}"#);
+        assert_contains(&msg, &["invalid type"]);
     }
 
     #[test]

@@ -28,6 +28,7 @@
 
 mod batch;
 pub mod control;
+pub mod metrics;
 pub mod plan;
 pub mod retry;
 mod scheduler;
@@ -191,7 +192,8 @@ impl Engine {
             let touched_tx = touched_tx.clone();
             async move {
                 let by_workers: Vec<Option<Id>> = sets.iter().map(worker_run).collect();
-                let applied = store.apply(sets).await?;
+                metrics::batch(sets.len());
+                let applied = metrics::store_call("apply", store.apply(sets)).await?;
                 let runs: Vec<Id> = by_workers
                     .into_iter()
                     .zip(&applied)
@@ -207,7 +209,7 @@ impl Engine {
         let ack_queue = queue.clone();
         let acks = Batcher::spawn(4096, move |tags: Vec<_>| {
             let queue = ack_queue.clone();
-            async move { queue.ack(&tags).await }
+            async move { metrics::queue_call("ack", queue.ack(&tags)).await }
         });
         let (finished, _) = broadcast::channel(65_536);
         let stats = Arc::new(Stats::default());

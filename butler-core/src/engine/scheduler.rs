@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::batch::Batcher;
-use super::plan::{TaskMessage, plan_run, run_deadline};
+use super::metrics;
+use super::plan::{Plan, TaskMessage, plan_run, run_deadline};
 use super::{EngineOptions, RunFinished, SCHEDULER_ROLE, python_queue, retry, worker_is_gone};
 use crate::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
 use crate::error::Result;
@@ -27,6 +28,20 @@ const CLAIM_PAGE: usize = 1_000;
 /// How often to look for active runs that no live scheduler drives, and to plan every active
 /// run again from the store.
 const ADOPT_EVERY: chrono::Duration = chrono::Duration::seconds(30);
+
+/// What one change set of [`Scheduler::advance`] does.
+enum Step {
+    /// Takes back an attempt whose worker process is gone; whether its task is retried.
+    Orphan(bool),
+    /// Carries a run's plan; whether the run was past its deadline when planned.
+    Plan(Plan, bool),
+}
+
+/// Whether `set` puts a task back for another attempt.
+fn retries(set: &ChangeSet) -> bool {
+    set.iter()
+        .any(|change| matches!(change, Change::Task(task) if task.new.state == TaskState::UpForRetry))
+}
 
 /// Why [`Scheduler::drive`] returned.
 enum Ended {
@@ -364,15 +379,13 @@ impl Scheduler {
         let from = self.read_from.front().copied().unwrap_or(self.cursor);
         let mut after = from;
         loop {
-            let events = self
-                .store
-                .list_events(&EventFilter {
-                    run_id: None,
-                    not_by_suffix: Some(format!(" {}", self.options.signature())),
-                    after,
-                    limit: EVENT_PAGE,
-                })
-                .await?;
+            let filter = EventFilter {
+                run_id: None,
+                not_by_suffix: Some(format!(" {}", self.options.signature())),
+                after,
+                limit: EVENT_PAGE,
+            };
+            let events = metrics::store_call("list_events", self.store.list_events(&filter)).await?;
             let full = events.len() == EVENT_PAGE as usize;
             for event in events {
                 after = event.id;
@@ -527,11 +540,22 @@ impl Scheduler {
             .map(|task| self.lost(task, now, "its lease expired"))
             .collect();
         if !sets.is_empty() {
+            let workers: BTreeSet<&str> = expired
+                .iter()
+                .map(|task| task.worker.as_deref().unwrap_or("unknown"))
+                .collect();
             warn!(
                 count = sets.len(),
+                workers = ?workers,
                 "putting back tasks whose worker lost its lease"
             );
-            self.commits.submit(sets).await?;
+            let retried: Vec<bool> = sets.iter().map(retries).collect();
+            let applied = self.commits.submit(sets).await?;
+            for (retried, ok) in retried.into_iter().zip(applied) {
+                if ok {
+                    metrics::attempt_ended("lost", None, retried);
+                }
+            }
         }
         for task in expired {
             dirty.insert(task.run_id);
@@ -559,7 +583,7 @@ impl Scheduler {
             .collect();
         let mut tasks: HashMap<Id, Vec<crate::model::TaskInstance>> = HashMap::new();
         for chunk in ids.chunks(CLAIM_PAGE) {
-            for task in self.store.list_tasks(chunk).await? {
+            for task in metrics::store_call("list_tasks", self.store.list_tasks(chunk)).await? {
                 tasks.entry(task.run_id).or_default().push(task);
             }
         }
@@ -573,6 +597,8 @@ impl Scheduler {
                 let status = run.status;
                 self.untrack(id);
                 if status.is_finished() {
+                    info!(run = id, %status, "run finished (cancelled, or by another process)");
+                    metrics::run_finished(status, false);
                     let _ = self.finished.send(RunFinished { run_id: id, status });
                 }
                 continue;
@@ -584,23 +610,33 @@ impl Scheduler {
                 .map(|t| self.lost(t, now, "its worker process is gone"))
                 .collect();
             if !orphans.is_empty() {
-                plans.push((id, None));
-                sets.extend(orphans);
+                // One entry per set, so that each set's answer lines up with its entry.
+                for orphan in orphans {
+                    plans.push((id, Step::Orphan(retries(&orphan))));
+                    sets.push(orphan);
+                }
                 continue;
             }
             let workflow = &self.workflows[&run.workflow_id];
             let plan = plan_run(&workflow.definition, run, &run_tasks, now, &self.name);
             if !plan.changes.is_empty() {
+                let timed_out = run_deadline(&workflow.definition, run).is_some_and(|d| d <= now);
                 sets.push(plan.changes.clone());
-                plans.push((id, Some(plan)));
+                plans.push((id, Step::Plan(plan, timed_out)));
             }
         }
         let applied = self.commits.submit(sets).await?;
         let mut again = HashSet::new();
-        for ((id, plan), ok) in plans.into_iter().zip(applied) {
-            let Some(plan) = plan else {
-                again.insert(id);
-                continue;
+        for ((id, step), ok) in plans.into_iter().zip(applied) {
+            let (plan, timed_out) = match step {
+                Step::Plan(plan, timed_out) => (plan, timed_out),
+                Step::Orphan(retried) => {
+                    if ok {
+                        metrics::attempt_ended("lost", None, retried);
+                    }
+                    again.insert(id);
+                    continue;
+                }
             };
             if !ok {
                 debug!(run = id, "plan met a concurrent change; planning again");
@@ -618,6 +654,8 @@ impl Scheduler {
             self.unsent.extend(plan.enqueue);
             if let Some(status) = plan.finishes {
                 self.untrack(id);
+                info!(run = id, %status, "run finished");
+                metrics::run_finished(status, timed_out);
                 let _ = self.finished.send(RunFinished { run_id: id, status });
             }
         }
@@ -648,7 +686,8 @@ impl Scheduler {
                     NewMessage::new(payload).with_delay(m.delay)
                 })
                 .collect();
-            if let Err(err) = self.queue.enqueue(&queue, messages).await {
+            let enqueue = self.queue.enqueue(&queue, messages);
+            if let Err(err) = metrics::queue_call("enqueue", enqueue).await {
                 warn!(error = %err, queue = %queue, "could not enqueue tasks; will try again");
                 self.unsent.extend(batch);
             }

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::batch::Batcher;
+use super::metrics;
 use super::plan::TaskMessage;
 use super::{
     EngineOptions, LOST_AFTER_HEARTBEATS, Stats, VERSION, host_name, retry, worker_is_gone,
@@ -255,10 +256,9 @@ impl Worker {
         let mut run_ids: Vec<Id> = messages.iter().map(|(m, _)| m.run).collect();
         run_ids.sort_unstable();
         run_ids.dedup();
-        let tasks: HashMap<(Id, String), TaskInstance> = self
-            .store
-            .list_tasks(&run_ids)
-            .await?
+        let tasks: HashMap<(Id, String), TaskInstance> =
+            metrics::store_call("list_tasks", self.store.list_tasks(&run_ids))
+                .await?
             .into_iter()
             .map(|t| ((t.run_id, t.task_id.clone()), t))
             .collect();
@@ -477,7 +477,9 @@ impl Worker {
             // end of its lease. If the process ends first, the lease still brings it back.
             cancel.cancel();
             let new = retry::after_lost_lease(&task, Utc::now());
-            self.commits
+            let retried = new.state == TaskState::UpForRetry;
+            let given_back = self
+                .commits
                 .submit(vec![vec![Change::Task(TaskChange {
                     expect: TaskExpect::of(&task),
                     new,
@@ -485,15 +487,21 @@ impl Worker {
                     reason: "the worker stopped; the attempt is given back".to_owned(),
                 })]])
                 .await?;
+            if given_back.first() == Some(&true) {
+                metrics::attempt_ended("interrupted", None, retried);
+            }
             return Ok(());
         };
-        self.observe(started.elapsed());
+        let took = started.elapsed();
+        self.observe(took);
         if lost.is_cancelled() {
             info!(run = run_id, task = %task.task_id, "attempt stopped: the task is no longer this worker's");
+            metrics::attempt_ended("cancelled", Some(took), false);
             self.acks.submit(vec![tag]).await?;
             return Ok(());
         }
         let new = retry::after_attempt(&def, &task, &finished.outcome, Utc::now());
+        let retried = new.state == TaskState::UpForRetry;
         let reason = match new.state {
             TaskState::Succeeded => format!("attempt {} succeeded", task.try_number),
             _ => format!(
@@ -524,6 +532,8 @@ impl Worker {
             );
         } else {
             self.stats.tasks_finished.fetch_add(1, Ordering::Relaxed);
+            let outcome = metrics::outcome_label(&finished.outcome);
+            metrics::attempt_ended(outcome, Some(took), retried);
         }
         self.acks.submit(vec![tag]).await?;
         Ok(())
@@ -553,7 +563,9 @@ impl Worker {
                 });
                 match self.commits.submit(vec![vec![change]]).await {
                     Ok(ok) if ok.first() == Some(&true) => {
-                        let _ = self.queue.extend(&[tag], self.options.lease).await;
+                        let tags = [tag];
+                        let extend = self.queue.extend(&tags, self.options.lease);
+                        let _ = metrics::queue_call("extend", extend).await;
                     }
                     Ok(_) => {
                         lost.cancel();

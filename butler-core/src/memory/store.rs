@@ -12,8 +12,9 @@ use crate::change::{Change, ChangeSet, LeaseChange, RunChange, TaskChange};
 use crate::config::{self, Config};
 use crate::error::{Error, Kind, Result};
 use crate::model::{
-    Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
-    RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo, Workflow,
+    Analysis, AnalysisRun, ApiToken, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns,
+    NewToken, NewWorkflow, RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo,
+    Workflow,
 };
 use crate::store::RunStore;
 
@@ -43,6 +44,8 @@ struct Inner {
     workers: BTreeMap<String, WorkerInfo>,
     /// Role leases by role.
     leases: HashMap<String, RoleLease>,
+    /// API tokens by name, with the hash of their secret.
+    tokens: BTreeMap<String, (String, ApiToken)>,
 }
 
 impl MemoryRunStore {
@@ -399,34 +402,74 @@ impl RunStore for MemoryRunStore {
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<AnalysisRun>> {
         let inner = self.lock();
-        // Run `id` is at index `id - 1`, so keyset paging starts right after `after_id`.
-        let start = filter
-            .after_id
-            .map_or(0, |after| {
-                usize::try_from(after.max(0)).unwrap_or(usize::MAX)
-            })
-            .min(inner.runs.len());
         let limit = filter
             .limit
             .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-        Ok(inner.runs[start..]
-            .iter()
-            .filter(|run| {
-                filter.workflow_id.is_none_or(|w| run.workflow_id == w)
-                    && filter.analysis_id.is_none_or(|a| run.analysis_id == a)
-                    && filter.status.is_none_or(|s| run.status == s)
-            })
-            .take(limit)
-            .cloned()
-            .collect())
+        let matches = |run: &&AnalysisRun| {
+            filter.workflow_id.is_none_or(|w| run.workflow_id == w)
+                && filter.analysis_id.is_none_or(|a| run.analysis_id == a)
+                && filter.status.is_none_or(|s| run.status == s)
+        };
+        // Run `id` is at index `id - 1`, so keyset paging starts right beside `after_id`.
+        let runs: Vec<AnalysisRun> = if filter.newest_first {
+            let end = filter
+                .after_id
+                .map_or(inner.runs.len(), |after| {
+                    usize::try_from(after.max(1) - 1).unwrap_or(usize::MAX)
+                })
+                .min(inner.runs.len());
+            inner.runs[..end]
+                .iter()
+                .rev()
+                .filter(matches)
+                .take(limit)
+                .cloned()
+                .collect()
+        } else {
+            let start = filter
+                .after_id
+                .map_or(0, |after| {
+                    usize::try_from(after.max(0)).unwrap_or(usize::MAX)
+                })
+                .min(inner.runs.len());
+            inner.runs[start..]
+                .iter()
+                .filter(matches)
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        Ok(runs)
     }
 
-    async fn count_runs(&self, analysis_id: Id) -> Result<BTreeMap<RunStatus, u64>> {
+    async fn count_runs(&self, filter: &RunFilter) -> Result<BTreeMap<RunStatus, u64>> {
         let inner = self.lock();
-        inner.analysis(analysis_id)?;
+        if let Some(id) = filter.workflow_id {
+            inner.workflow(id)?;
+        }
+        if let Some(id) = filter.analysis_id {
+            inner.analysis(id)?;
+        }
         let mut counts = BTreeMap::new();
-        for run in inner.runs.iter().filter(|r| r.analysis_id == analysis_id) {
+        for run in inner.runs.iter().filter(|run| {
+            filter.workflow_id.is_none_or(|w| run.workflow_id == w)
+                && filter.analysis_id.is_none_or(|a| run.analysis_id == a)
+        }) {
             *counts.entry(run.status).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+
+    async fn count_active_tasks(&self) -> Result<BTreeMap<TaskState, u64>> {
+        let inner = self.lock();
+        let mut counts = BTreeMap::new();
+        for (run, tasks) in inner.runs.iter().zip(&inner.tasks) {
+            if run.status.is_finished() {
+                continue;
+            }
+            for task in tasks {
+                *counts.entry(task.state).or_insert(0) += 1;
+            }
         }
         Ok(counts)
     }
@@ -554,6 +597,48 @@ impl RunStore for MemoryRunStore {
 
     async fn leader(&self, role: &str) -> Result<Option<RoleLease>> {
         Ok(self.lock().leases.get(role).cloned())
+    }
+
+    async fn create_token(&self, token: NewToken) -> Result<ApiToken> {
+        let mut inner = self.lock();
+        if inner.tokens.contains_key(&token.name) {
+            return Err(Error::token_exists(&token.name));
+        }
+        let stored = ApiToken {
+            name: token.name.clone(),
+            read_only: token.read_only,
+            created_at: Utc::now(),
+        };
+        inner
+            .tokens
+            .insert(token.name, (token.hash, stored.clone()));
+        Ok(stored)
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<ApiToken>> {
+        Ok(self
+            .lock()
+            .tokens
+            .values()
+            .find(|(stored, _)| stored == hash)
+            .map(|(_, token)| token.clone()))
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
+        Ok(self
+            .lock()
+            .tokens
+            .values()
+            .map(|(_, t)| t.clone())
+            .collect())
+    }
+
+    async fn delete_token(&self, name: &str) -> Result<()> {
+        self.lock()
+            .tokens
+            .remove(name)
+            .map(drop)
+            .ok_or_else(|| Error::not_found(Kind::Token, name))
     }
 }
 

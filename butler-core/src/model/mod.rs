@@ -5,6 +5,7 @@ mod analysis;
 mod event;
 mod run;
 mod task;
+mod token;
 mod worker;
 mod workflow;
 
@@ -12,6 +13,7 @@ pub use analysis::{Analysis, NewAnalysis, parse_date};
 pub use event::{Event, EventFilter};
 pub use run::{AnalysisRun, NewRun, NewRuns, RunFilter, RunStatus};
 pub use task::{TaskInstance, TaskState};
+pub use token::{ApiToken, NewToken, TOKEN_PREFIX, hash_token};
 pub use worker::{RoleLease, WorkerInfo};
 pub use workflow::{NewWorkflow, Workflow};
 

@@ -151,7 +151,9 @@ pub struct NewRuns {
     pub allow_duplicates: bool,
 }
 
-/// Which runs [`crate::RunStore::list_runs`] returns, ordered by id.
+/// Which runs [`crate::RunStore::list_runs`] returns, ordered by id (oldest first, or newest
+/// first with `newest_first`); [`crate::RunStore::count_runs`] counts the runs of its
+/// `workflow_id` and `analysis_id`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunFilter {
     /// Only runs of this workflow.
@@ -160,8 +162,11 @@ pub struct RunFilter {
     pub analysis_id: Option<Id>,
     /// Only runs in this state.
     pub status: Option<RunStatus>,
-    /// Only runs with an id greater than this (keyset paging).
+    /// Only runs that come after this id in the listing order (keyset paging): greater ids,
+    /// or smaller ones with `newest_first`.
     pub after_id: Option<Id>,
     /// At most this many runs.
     pub limit: Option<u32>,
+    /// List the newest runs first.
+    pub newest_first: bool,
 }

@@ -149,6 +149,16 @@ pub struct TaskInstance {
 }
 
 impl TaskInstance {
+    /// The task's latest attempt that started, 0 if none did: a queued task's try number is
+    /// that of the attempt it waits to start. Its log is the one to show.
+    pub fn last_started_try(&self) -> u32 {
+        if self.state == TaskState::Queued {
+            self.try_number.saturating_sub(1)
+        } else {
+            self.try_number
+        }
+    }
+
     /// A task that has not been queued yet.
     pub fn pending(run_id: Id, task_id: impl Into<String>) -> Self {
         TaskInstance {

@@ -18,7 +18,8 @@ use crate::definition::Definition;
 use crate::error::Error;
 use crate::model::{
     Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRun, NewRuns,
-    NewWorkflow, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo, Workflow,
+    NewToken, NewWorkflow, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo, Workflow,
+    hash_token,
 };
 use crate::store::RunStore;
 
@@ -42,6 +43,9 @@ pub async fn run_all(store: &dyn RunStore) {
     list_runs_filters_and_orders(store).await;
     list_runs_pages_by_id(store).await;
     count_runs_counts_per_status(store).await;
+    count_active_tasks_counts_unfinished_runs(store).await;
+    list_runs_pages_newest_first(store).await;
+    tokens_are_stored_found_and_deleted(store).await;
     missing_ids_are_not_found(store).await;
     create_runs_creates_pending_tasks_in_order(store).await;
     create_runs_refuses_a_task_named_twice(store).await;
@@ -692,17 +696,26 @@ pub async fn list_runs_pages_by_id(store: &dyn RunStore) {
     assert_eq!(paged, runs, "paging visits every run once, in order");
 }
 
-/// `count_runs` counts an analysis's runs per state and leaves out states with no run.
+/// `count_runs` counts the runs of an analysis, a workflow or the whole store per state and
+/// leaves out states with no run.
 pub async fn count_runs_counts_per_status(store: &dyn RunStore) {
     let (workflow, analysis) = setup(store, "count").await;
+    let of_analysis = |id| RunFilter {
+        analysis_id: Some(id),
+        ..RunFilter::default()
+    };
     assert!(
         store
-            .count_runs(analysis.id)
+            .count_runs(&of_analysis(analysis.id))
             .await
             .expect("count")
             .is_empty(),
         "an analysis without runs has no counts"
     );
+    let everything = store
+        .count_runs(&RunFilter::default())
+        .await
+        .expect("count all");
     launch(store, &workflow, &analysis, &samples("count", 5))
         .await
         .expect("launch");
@@ -710,17 +723,185 @@ pub async fn count_runs_counts_per_status(store: &dyn RunStore) {
         .create_analysis(new_analysis(&unique("count-other"), Config::new(json!({}))))
         .await
         .expect("other analysis");
-    launch(store, &workflow, &other, &samples("other", 2))
+    let others = launch(store, &workflow, &other, &samples("other", 2))
         .await
         .expect("launch");
+    apply(
+        store,
+        vec![vec![Change::Run(run_change(
+            others[0].id,
+            RunStatus::Ready,
+            RunStatus::Cancelled,
+        ))]],
+    )
+    .await;
 
-    let counts = store.count_runs(analysis.id).await.expect("count");
+    let counts = store
+        .count_runs(&of_analysis(analysis.id))
+        .await
+        .expect("count");
     assert_eq!(
         counts.into_iter().collect::<Vec<_>>(),
         vec![(RunStatus::Ready, 5)],
         "five ready runs, other states absent, other analyses not counted"
     );
-    assert_not_found(store.count_runs(MISSING_ID).await, "analysis", MISSING_ID);
+    let of_workflow = RunFilter {
+        workflow_id: Some(workflow.id),
+        status: Some(RunStatus::Completed),
+        limit: Some(1),
+        ..RunFilter::default()
+    };
+    assert_eq!(
+        store
+            .count_runs(&of_workflow)
+            .await
+            .expect("count")
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![(RunStatus::Ready, 6), (RunStatus::Cancelled, 1)],
+        "a workflow's runs of every analysis; status and paging are ignored"
+    );
+    let all = store
+        .count_runs(&RunFilter::default())
+        .await
+        .expect("count all");
+    let grew = |status| {
+        all.get(&status).copied().unwrap_or(0) - everything.get(&status).copied().unwrap_or(0)
+    };
+    assert_eq!(
+        (grew(RunStatus::Ready), grew(RunStatus::Cancelled)),
+        (6, 1),
+        "without a filter every run is counted"
+    );
+    assert_not_found(
+        store.count_runs(&of_analysis(MISSING_ID)).await,
+        "analysis",
+        MISSING_ID,
+    );
+    let missing_workflow = RunFilter {
+        workflow_id: Some(MISSING_ID),
+        ..RunFilter::default()
+    };
+    assert_not_found(
+        store.count_runs(&missing_workflow).await,
+        "workflow",
+        MISSING_ID,
+    );
+}
+
+/// `count_active_tasks` counts the tasks of unfinished runs per state.
+pub async fn count_active_tasks_counts_unfinished_runs(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "active-tasks").await;
+    let before = store.count_active_tasks().await.expect("count");
+    let runs = launch(store, &workflow, &analysis, &samples("active", 3))
+        .await
+        .expect("launch");
+    let align = task_of(store, runs[0].id, "align").await;
+    let t = now_ms();
+    apply(
+        store,
+        vec![
+            vec![task_change(&align, queued(&align, t))],
+            vec![Change::Run(run_change(
+                runs[2].id,
+                RunStatus::Ready,
+                RunStatus::Cancelled,
+            ))],
+        ],
+    )
+    .await;
+    let after = store.count_active_tasks().await.expect("count");
+    let grew =
+        |state| after.get(&state).copied().unwrap_or(0) - before.get(&state).copied().unwrap_or(0);
+    assert_eq!(
+        (grew(TaskState::Pending), grew(TaskState::Queued)),
+        (3, 1),
+        "two unfinished runs of two tasks, one task queued; the cancelled run's tasks are left out"
+    );
+    assert!(
+        after.values().all(|&n| n > 0),
+        "states with no task are absent"
+    );
+}
+
+/// `newest_first` lists runs by descending id and pages backwards with `after_id`.
+pub async fn list_runs_pages_newest_first(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "newest").await;
+    let mut runs = launch(store, &workflow, &analysis, &samples("newest", 5))
+        .await
+        .expect("launch");
+    runs.reverse();
+    let filter = |after_id, limit| RunFilter {
+        analysis_id: Some(analysis.id),
+        after_id,
+        limit,
+        newest_first: true,
+        ..RunFilter::default()
+    };
+    assert_eq!(list(store, filter(None, None)).await, runs, "newest first");
+    let first_two = list(store, filter(None, Some(2))).await;
+    assert_eq!(first_two, runs[..2], "limit keeps the newest runs");
+    let next = list(store, filter(Some(runs[1].id), Some(2))).await;
+    assert_eq!(next, runs[2..4], "after_id continues with older runs");
+    assert!(list(store, filter(Some(runs[4].id), None)).await.is_empty());
+}
+
+/// Tokens are stored by name, found by the hash of their secret, listed and deleted.
+pub async fn tokens_are_stored_found_and_deleted(store: &dyn RunStore) {
+    let name = unique("token");
+    let (token, secret) = NewToken::generate(&name, true);
+    let created = store
+        .create_token(token.clone())
+        .await
+        .expect("create token");
+    assert_eq!(
+        (created.name.as_str(), created.read_only),
+        (name.as_str(), true)
+    );
+    let found = store
+        .find_token(&hash_token(&secret))
+        .await
+        .expect("find token");
+    assert_eq!(
+        found.as_ref(),
+        Some(&created),
+        "the secret's hash finds the token"
+    );
+    assert_eq!(
+        store
+            .find_token(&hash_token("butler_wrong"))
+            .await
+            .expect("find"),
+        None,
+        "another secret finds nothing"
+    );
+    let (again, _) = NewToken::generate(&name, false);
+    match store.create_token(again).await {
+        Err(Error::AlreadyExists(message)) => assert!(message.contains(&name), "{message}"),
+        other => panic!("a second token named {name} must be AlreadyExists, got {other:?}"),
+    }
+    let (writer, _) = NewToken::generate(&format!("{name}-w"), false);
+    store.create_token(writer).await.expect("second token");
+    let listed: Vec<(String, bool)> = store
+        .list_tokens()
+        .await
+        .expect("list tokens")
+        .into_iter()
+        .filter(|t| t.name.starts_with(&name))
+        .map(|t| (t.name, t.read_only))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![(name.clone(), true), (format!("{name}-w"), false)],
+        "ordered by name"
+    );
+    store.delete_token(&name).await.expect("delete token");
+    assert_eq!(
+        store.find_token(&hash_token(&secret)).await.expect("find"),
+        None,
+        "a deleted token's secret stops working"
+    );
+    assert_not_found(store.delete_token(&name).await, "token", &name);
 }
 
 /// Reading a missing workflow, analysis, run or config fails with `NotFound` naming its kind

@@ -1,6 +1,7 @@
 //! PostgreSQL run store.
 
 mod engine;
+mod tokens;
 mod workers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -13,8 +14,9 @@ use butler_core::change::ChangeSet;
 use butler_core::config::{self, Config};
 use butler_core::definition::Definition;
 use butler_core::model::{
-    Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
-    RoleLease, RunFilter, RunStatus, TaskInstance, WorkerInfo, Workflow,
+    Analysis, AnalysisRun, ApiToken, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns,
+    NewToken, NewWorkflow, RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo,
+    Workflow,
 };
 use butler_core::{BoxError, Error, Kind, Result, RunStore};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -598,14 +600,19 @@ impl RunStore for PgStore {
             conditions.push(format!("status = {}", placeholder()));
         }
         if filter.after_id.is_some() {
-            conditions.push(format!("id > {}", placeholder()));
+            let op = if filter.newest_first { "<" } else { ">" };
+            conditions.push(format!("id {op} {}", placeholder()));
         }
         let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs");
         if !conditions.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&conditions.join(" AND "));
         }
-        sql.push_str(" ORDER BY id");
+        sql.push_str(if filter.newest_first {
+            " ORDER BY id DESC"
+        } else {
+            " ORDER BY id"
+        });
         if filter.limit.is_some() {
             sql.push_str(" LIMIT ");
             sql.push_str(&placeholder());
@@ -636,21 +643,36 @@ impl RunStore for PgStore {
             .map_err(|e| self.corrupt("a run", e))
     }
 
-    async fn count_runs(&self, analysis_id: Id) -> Result<BTreeMap<RunStatus, u64>> {
-        let doing = format!("count the runs of analysis {analysis_id}");
-        // The analysis's own row comes first, with a NULL status, so one statement tells a
-        // missing analysis from one without runs.
+    async fn count_runs(&self, filter: &RunFilter) -> Result<BTreeMap<RunStatus, u64>> {
+        let doing = "count runs";
+        // The named workflow's and analysis's own rows come first, with a NULL status and
+        // their kind as the count, so one statement tells a missing owner from one without
+        // runs. Triggers keep `run_counts` per workflow, analysis and status (migration
+        // 0006), so the counts sum a few rows however many runs there are.
         let rows = sqlx::query_as::<_, (Option<String>, i64)>(
-            "SELECT NULL::text, 0::bigint FROM analyses WHERE id = $1 \
+            "SELECT NULL::text, 1::bigint FROM workflows WHERE id = $1 \
              UNION ALL \
-             SELECT status, count(*) FROM runs WHERE analysis_id = $1 GROUP BY status",
+             SELECT NULL::text, 2::bigint FROM analyses WHERE id = $2 \
+             UNION ALL \
+             SELECT status, sum(n)::bigint FROM run_counts \
+             WHERE ($1::bigint IS NULL OR workflow_id = $1) \
+               AND ($2::bigint IS NULL OR analysis_id = $2) \
+             GROUP BY status HAVING sum(n) > 0",
         )
-        .bind(analysis_id)
+        .bind(filter.workflow_id)
+        .bind(filter.analysis_id)
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| self.fail(&doing, e))?;
-        if !rows.iter().any(|(status, _)| status.is_none()) {
-            return Err(Error::not_found(Kind::Analysis, analysis_id));
+        .map_err(|e| self.fail(doing, e))?;
+        let found = |kind| {
+            rows.iter()
+                .any(|(status, n)| status.is_none() && *n == kind)
+        };
+        if let Some(id) = filter.workflow_id.filter(|_| !found(1)) {
+            return Err(Error::not_found(Kind::Workflow, id));
+        }
+        if let Some(id) = filter.analysis_id.filter(|_| !found(2)) {
+            return Err(Error::not_found(Kind::Analysis, id));
         }
         let mut counts = BTreeMap::new();
         for (status, count) in rows {
@@ -659,6 +681,24 @@ impl RunStore for PgStore {
                 .parse()
                 .map_err(|e: Error| self.corrupt("a run's status", e.into()))?;
             counts.insert(status, u64::try_from(count).unwrap_or_default());
+        }
+        Ok(counts)
+    }
+
+    async fn count_active_tasks(&self) -> Result<BTreeMap<TaskState, u64>> {
+        let rows = sqlx::query_as::<_, (String, i64)>(
+            "SELECT tasks.state, count(*) FROM runs JOIN tasks ON tasks.run_id = runs.id \
+             WHERE runs.status IN ('ready', 'scheduled', 'in-progress') GROUP BY tasks.state",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.fail("count the tasks of unfinished runs", e))?;
+        let mut counts = BTreeMap::new();
+        for (state, count) in rows {
+            let state: TaskState = state
+                .parse()
+                .map_err(|e: Error| self.corrupt("a task's state", e.into()))?;
+            counts.insert(state, u64::try_from(count).unwrap_or_default());
         }
         Ok(counts)
     }
@@ -705,6 +745,22 @@ impl RunStore for PgStore {
 
     async fn leader(&self, role: &str) -> Result<Option<RoleLease>> {
         self.select_lease(role).await
+    }
+
+    async fn create_token(&self, token: NewToken) -> Result<ApiToken> {
+        self.insert_token(token).await
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<ApiToken>> {
+        self.select_token(hash).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
+        self.select_tokens().await
+    }
+
+    async fn delete_token(&self, name: &str) -> Result<()> {
+        self.remove_token(name).await
     }
 }
 

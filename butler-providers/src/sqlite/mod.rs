@@ -6,6 +6,7 @@
 mod config;
 mod queue;
 mod store;
+mod writer;
 
 pub use config::{Durability, SqliteConfig};
 pub use queue::SqliteQueue;

@@ -1,7 +1,11 @@
 //! SQLite queue.
+//!
+//! Enqueue, dequeue, ack, nack and extend run on the database's writer thread (see
+//! `sqlite/writer.rs`): each call is one closure there, its statements prepared once and run
+//! without a handoff per statement, and calls that arrive together share one commit. Reads that
+//! take no lock (the idle poll, depth, dead letters) stay on the pool.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,12 +16,12 @@ use butler_core::queue::{
 };
 use butler_core::{Error, Result};
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{Sqlite, SqlitePool, SqliteRow};
-use sqlx::{QueryBuilder, Row};
-use tokio::sync::Notify;
+use rusqlite::{Connection, OptionalExtension};
+use sqlx::Row;
+use sqlx::sqlite::{SqlitePool, SqliteRow};
+use tokio::sync::{Notify, OnceCell};
 
-/// Messages per `INSERT` statement of a batch enqueue (6 bound values each).
-const ROWS_PER_INSERT: usize = 128;
+use super::writer::{Writer, sqlite_error};
 
 /// SQL: the `history` text recording the end of the row's lease, when it has one.
 macro_rules! expiry_line {
@@ -29,26 +33,83 @@ macro_rules! expiry_line {
     };
 }
 
-/// SQL: the rows still held by the tags in `?1`, a JSON array of `[id, token]` pairs.
-macro_rules! held_by_tags {
-    () => {
-        "leased_until IS NOT NULL \
-         AND (id, token) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?1))"
-    };
-}
+/// One message, at `?2`..`?6` of queue `?1`.
+const INSERT: &str = "INSERT INTO queue_messages \
+                      (queue, payload, priority, visible_at, max_deliveries, enqueued_at) \
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// Whether queue `?1` has visible messages at time `?2` that used up their deliveries.
+const EXHAUSTED: &str = "SELECT EXISTS (SELECT 1 FROM queue_messages \
+                         WHERE queue = ?1 AND visible_at <= ?2 \
+                         AND deliveries >= max_deliveries)";
+
+/// Moves the visible messages of queue `?1` at time `?2` that used up their deliveries to the
+/// dead letters, with `?3` (the start of a history line) before the count.
+const BURY: &str = concat!(
+    "INSERT INTO queue_dead (id, queue, payload, deliveries, enqueued_at, history, dead_at)
+     SELECT id, queue, payload, deliveries, enqueued_at,
+            history || ",
+    expiry_line!(),
+    " || ?3 || deliveries || ' deliveries (max_deliveries ' || max_deliveries || ')'
+              || char(10),
+            ?2
+     FROM queue_messages
+     WHERE queue = ?1 AND visible_at <= ?2 AND deliveries >= max_deliveries"
+);
+
+/// Removes what [`BURY`] copied.
+const UNBURY: &str = "DELETE FROM queue_messages \
+                      WHERE queue = ?1 AND visible_at <= ?2 AND deliveries >= max_deliveries";
+
+/// The next `?3` visible messages of queue `?1` at time `?2`, in delivery order.
+const NEXT: &str = "SELECT id FROM queue_messages \
+                    WHERE queue = ?1 AND visible_at <= ?2 \
+                    ORDER BY priority DESC, visible_at, id LIMIT ?3";
+
+/// Leases message `?4` until `?1`, with `?2` and `?3` the parts of its history line.
+const LEASE: &str = concat!(
+    "UPDATE queue_messages
+     SET deliveries = deliveries + 1,
+         token = token + 1,
+         leased_until = ?1,
+         visible_at = ?1,
+         history = history || ",
+    expiry_line!(),
+    " || ?2 || (deliveries + 1) || ', lease ' || ?3 || ')' || char(10)
+     WHERE id = ?4
+     RETURNING token, payload, deliveries, enqueued_at"
+);
+
+/// Acks delivery `?2` of message `?1`.
+const ACK: &str = "DELETE FROM queue_messages \
+                   WHERE id = ?1 AND token = ?2 AND leased_until IS NOT NULL";
+
+/// Nacks delivery `?2` of message `?1`: visible again at `?3`, with history line `?4`.
+const NACK: &str = "UPDATE queue_messages \
+                    SET leased_until = NULL, visible_at = ?3, history = history || ?4 \
+                    WHERE id = ?1 AND token = ?2 AND leased_until IS NOT NULL \
+                    RETURNING queue";
+
+/// Extends the lease of delivery `?2` of message `?1` to `?3`.
+const EXTEND: &str = "UPDATE queue_messages SET leased_until = ?3, visible_at = ?3 \
+                      WHERE id = ?1 AND token = ?2 AND leased_until IS NOT NULL";
 
 /// A [`Queue`] in the embedded SQLite database, in the same file as the run store.
 ///
-/// Messages survive restarts, and several processes may share the file: each delivery is one
-/// `BEGIN IMMEDIATE` transaction, so a message is leased to one consumer at a time. Clones share
-/// their wakeups: a waiting [`Queue::dequeue`] wakes at once when a clone enqueues or nacks into
-/// its queue, and looks for messages from other processes every [`SqliteQueue::POLL_INTERVAL`].
+/// Messages survive restarts, and several processes may share the file: each delivery is made
+/// in a `BEGIN IMMEDIATE` transaction, so a message is leased to one consumer at a time. Clones
+/// share their wakeups: a waiting [`Queue::dequeue`] wakes at once when a clone enqueues or nacks
+/// into its queue, and looks for messages from other processes every
+/// [`SqliteQueue::POLL_INTERVAL`].
 ///
 /// The pool should be in WAL mode with a busy timeout, as the run store opens it; the tables come
-/// from the `0002_queue` migration.
+/// from the `0002_queue` migration. Writes go through one connection per file and process, with
+/// the pool's `synchronous` and busy timeout, shared with a [`super::SqliteStore`] on the same
+/// file.
 #[derive(Debug, Clone)]
 pub struct SqliteQueue {
     pool: SqlitePool,
+    writer: Arc<OnceCell<Arc<Writer>>>,
     wakers: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
 }
 
@@ -60,11 +121,12 @@ impl SqliteQueue {
     pub fn new(pool: SqlitePool) -> Self {
         Self {
             pool,
+            writer: Arc::default(),
             wakers: Arc::default(),
         }
     }
 
-    /// The wakeup shared by waiters on `queue` in this process.
+    /// The waiting wakeup shared by waiters on `queue` in this process.
     fn waker(&self, queue: &str) -> Arc<Notify> {
         let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(notify) = wakers.get(queue) {
@@ -82,95 +144,72 @@ impl SqliteQueue {
         }
     }
 
+    /// Runs `work` on the writer of the pool's database, found or opened on first use.
+    async fn write<T, F>(&self, doing: String, work: F) -> Result<T>
+    where
+        F: Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let writer = self
+            .writer
+            .get_or_try_init(|| Writer::shared(&self.pool, false, "the SQLite queue's database"))
+            .await?;
+        let location = Arc::clone(writer.location());
+        writer
+            .run(doing.clone(), move |conn| {
+                work(conn).map_err(|e| sqlite_error(&location, &doing, &e))
+            })
+            .await
+    }
+
     /// One dequeue attempt: dead-letters the visible exhausted messages, then leases up to `max`.
     async fn try_dequeue(&self, queue: &str, max: usize, lease: Duration) -> Result<Vec<Delivery>> {
-        let action = || format!("dequeue from queue {queue:?}");
-        let now = Utc::now();
-        let now_ms = now.timestamp_millis();
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_error(action()))?;
-
-        let dead_line = history_line(now, "dead-lettered after ");
-        let moved = sqlx::query(concat!(
-            "INSERT INTO queue_dead (id, queue, payload, deliveries, enqueued_at, history, dead_at)
-             SELECT id, queue, payload, deliveries, enqueued_at,
-                    history || ",
-            expiry_line!(),
-            " || ?3 || deliveries || ' deliveries (max_deliveries ' || max_deliveries || ')'
-                      || char(10),
-                    ?2
-             FROM queue_messages
-             WHERE queue = ?1 AND visible_at <= ?2 AND deliveries >= max_deliveries",
-        ))
-        .bind(queue)
-        .bind(now_ms)
-        .bind(dead_line)
-        .execute(&mut *tx)
+        let doing = format!("dequeue from queue {queue:?}");
+        let queue = queue.to_owned();
+        self.write(doing, move |conn| {
+            let now = Utc::now();
+            let now_ms = now.timestamp_millis();
+            // Looked for first: the move is a statement that SQLite journals even when it
+            // finds nothing.
+            let exhausted: bool = conn
+                .prepare_cached(EXHAUSTED)?
+                .query_row((&queue, now_ms), |row| row.get(0))?;
+            if exhausted {
+                conn.prepare_cached(BURY)?.execute((
+                    &queue,
+                    now_ms,
+                    history_line(now, "dead-lettered after "),
+                ))?;
+                conn.prepare_cached(UNBURY)?.execute((&queue, now_ms))?;
+            }
+            let ids = conn
+                .prepare_cached(NEXT)?
+                .query_map(
+                    (&queue, now_ms, i64::try_from(max).unwrap_or(i64::MAX)),
+                    |row| row.get::<_, i64>(0),
+                )?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            let until = now_ms.saturating_add(millis(lease));
+            let line = history_line(now, "delivered (delivery ");
+            let lease = format!("{lease:?}");
+            let mut statement = conn.prepare_cached(LEASE)?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.push(statement.query_row((until, &line, &lease, id), |row| {
+                    Ok(Delivery {
+                        tag: DeliveryTag {
+                            message_id: id,
+                            token: u64::try_from(row.get::<_, i64>(0)?).unwrap_or(0),
+                        },
+                        payload: row.get(1)?,
+                        deliveries: count(row.get(2)?),
+                        enqueued_at: time(row.get(3)?),
+                    })
+                })?);
+            }
+            Ok(out)
+        })
         .await
-        .map_err(db_error(action()))?;
-        if moved.rows_affected() > 0 {
-            sqlx::query(
-                "DELETE FROM queue_messages
-                 WHERE queue = ?1 AND visible_at <= ?2 AND deliveries >= max_deliveries",
-            )
-            .bind(queue)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error(action()))?;
-        }
-
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM queue_messages
-             WHERE queue = ?1 AND visible_at <= ?2
-             ORDER BY priority DESC, visible_at, id
-             LIMIT ?3",
-        )
-        .bind(queue)
-        .bind(now_ms)
-        .bind(i64::try_from(max).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error(action()))?;
-        if ids.is_empty() {
-            tx.commit().await.map_err(db_error(action()))?;
-            return Ok(Vec::new());
-        }
-
-        let until = now_ms.saturating_add(millis(lease));
-        let rows = sqlx::query(concat!(
-            "UPDATE queue_messages
-             SET deliveries = deliveries + 1,
-                 token = token + 1,
-                 leased_until = ?1,
-                 visible_at = ?1,
-                 history = history || ",
-            expiry_line!(),
-            " || ?2 || (deliveries + 1) || ', lease ' || ?3 || ')' || char(10)
-             WHERE id IN (SELECT value FROM json_each(?4))
-             RETURNING id, token, payload, deliveries, enqueued_at",
-        ))
-        .bind(until)
-        .bind(history_line(now, "delivered (delivery "))
-        .bind(format!("{lease:?}"))
-        .bind(json_ids(&ids))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db_error(action()))?;
-        tx.commit().await.map_err(db_error(action()))?;
-
-        let position: HashMap<i64, usize> =
-            ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-        let mut out = rows
-            .iter()
-            .map(delivery)
-            .collect::<Result<Vec<Delivery>, sqlx::Error>>()
-            .map_err(db_error(action()))?;
-        out.sort_by_key(|d| position.get(&d.tag.message_id).copied());
-        Ok(out)
     }
 
     /// Whether `queue` has a visible message, read without taking the write lock.
@@ -185,122 +224,57 @@ impl SqliteQueue {
         .map_err(db_error(format!("look for messages in queue {queue:?}")))
     }
 
-    /// Runs `sql` (a statement over the rows `held_by_tags!`, returning `id, token` and maybe
-    /// `queue`) and answers per tag whether it changed that tag's message, with the queues of
-    /// the changed messages.
+    /// Runs `sql` (one of [`ACK`], [`NACK`] and [`EXTEND`], with `?1` the message and `?2`
+    /// the token, then `extra`) once per tag, and answers per tag whether it changed the
+    /// tag's message, with the queues that `sql` returned.
     async fn held(
         &self,
         action: &str,
         tags: &[DeliveryTag],
-        repeated: Repeated,
         sql: &'static str,
-        bind: impl FnOnce(
-            sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
-        ) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+        extra: Extra,
     ) -> Result<(Vec<bool>, HashSet<String>)> {
-        let mut queues = HashSet::new();
         if tags.is_empty() {
-            return Ok((Vec::new(), queues));
+            return Ok((Vec::new(), HashSet::new()));
         }
-        let mut json = String::from("[");
-        for tag in tags {
-            // A token beyond i64 was never issued; leaving it out answers `false` for it.
-            if let Ok(token) = i64::try_from(tag.token) {
-                if json.len() > 1 {
-                    json.push(',');
-                }
-                let _ = write!(json, "[{},{token}]", tag.message_id);
-            }
-        }
-        json.push(']');
-        let rows = bind(sqlx::query(sql).bind(json))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_error(format!("{action} {} message(s)", tags.len())))?;
-        let mut changed: HashSet<(i64, i64)> = HashSet::with_capacity(rows.len());
-        for row in &rows {
-            let pair = (row.try_get("id"), row.try_get("token"));
-            if let (Ok(id), Ok(token)) = pair {
-                changed.insert((id, token));
-            }
-            if let Ok(queue) = row.try_get::<String, _>("queue") {
-                queues.insert(queue);
-            }
-        }
-        let answers = tags
-            .iter()
-            .map(|tag| {
-                i64::try_from(tag.token).is_ok_and(|token| {
-                    let key = (tag.message_id, token);
-                    match repeated {
-                        Repeated::LeaseGone => changed.remove(&key),
-                        Repeated::SameAnswer => changed.contains(&key),
+        let tags = tags.to_vec();
+        self.write(format!("{action} {} message(s)", tags.len()), move |conn| {
+            let mut statement = conn.prepare_cached(sql)?;
+            let mut queues = HashSet::new();
+            let mut answers = Vec::with_capacity(tags.len());
+            for tag in &tags {
+                // A token beyond i64 was never issued.
+                let Ok(token) = i64::try_from(tag.token) else {
+                    answers.push(false);
+                    continue;
+                };
+                let changed = match &extra {
+                    Extra::None => statement.execute((tag.message_id, token))? > 0,
+                    Extra::Until(until) => statement.execute((tag.message_id, token, until))? > 0,
+                    Extra::Nack(at, line) => {
+                        let queue: Option<String> = statement
+                            .query_row((tag.message_id, token, at, line), |row| row.get(0))
+                            .optional()?;
+                        queue.map(|q| queues.insert(q)).is_some()
                     }
-                })
-            })
-            .collect();
-        Ok((answers, queues))
+                };
+                answers.push(changed);
+            }
+            Ok((answers, queues))
+        })
+        .await
     }
 }
 
-/// What a tag given again in the same ack, nack or extend answers.
-#[derive(Debug, Clone, Copy)]
-enum Repeated {
-    /// `false`: its first occurrence ended the lease (ack, nack).
-    LeaseGone,
-    /// What its first occurrence answered: the lease still holds (extend).
-    SameAnswer,
-}
-
-/// Inserts `messages` (at most [`ROWS_PER_INSERT`]) with one statement; their ids, in order.
-async fn insert<'e>(
-    executor: impl sqlx::Executor<'e, Database = Sqlite>,
-    queue: &str,
-    messages: &[NewMessage],
-    now_ms: i64,
-) -> Result<Vec<i64>, sqlx::Error> {
-    let mut insert = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO queue_messages \
-         (queue, payload, priority, visible_at, max_deliveries, enqueued_at) ",
-    );
-    insert.push_values(messages, |mut row, message| {
-        row.push_bind(queue)
-            .push_bind(message.payload.as_slice())
-            .push_bind(message.priority)
-            .push_bind(now_ms.saturating_add(millis(message.delay)))
-            .push_bind(i64::from(message.max_deliveries))
-            .push_bind(now_ms);
-    });
-    insert.push(" RETURNING id");
-    let mut ids: Vec<i64> = insert.build_query_scalar().fetch_all(executor).await?;
-    // Rows are numbered in VALUES order, but RETURNING may list them in any order.
-    ids.sort_unstable();
-    Ok(ids)
-}
-
-fn json_ids(ids: &[i64]) -> String {
-    let mut json = String::with_capacity(ids.len() * 8 + 2);
-    json.push('[');
-    for (i, id) in ids.iter().enumerate() {
-        if i > 0 {
-            json.push(',');
-        }
-        let _ = write!(json, "{id}");
-    }
-    json.push(']');
-    json
-}
-
-fn delivery(row: &SqliteRow) -> Result<Delivery, sqlx::Error> {
-    Ok(Delivery {
-        tag: DeliveryTag {
-            message_id: row.try_get("id")?,
-            token: u64::try_from(row.try_get::<i64, _>("token")?).unwrap_or(0),
-        },
-        payload: row.try_get("payload")?,
-        deliveries: count(row.try_get("deliveries")?),
-        enqueued_at: time(row.try_get("enqueued_at")?),
-    })
+/// The parameters of [`SqliteQueue::held`]'s statement after the message and the token.
+#[derive(Debug)]
+enum Extra {
+    /// None ([`ACK`]).
+    None,
+    /// The lease's new end ([`EXTEND`]).
+    Until(i64),
+    /// When the message is visible again and the history line ([`NACK`]).
+    Nack(i64, String),
 }
 
 fn count(n: i64) -> u32 {
@@ -352,29 +326,27 @@ impl Queue for SqliteQueue {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let action = || format!("enqueue {} message(s) to queue {queue:?}", messages.len());
-        let now_ms = Utc::now().timestamp_millis();
-        let ids = if messages.len() <= ROWS_PER_INSERT {
-            // One statement is atomic on its own.
-            insert(&self.pool, queue, &messages, now_ms)
-                .await
-                .map_err(db_error(action()))?
-        } else {
-            let mut tx = self
-                .pool
-                .begin_with("BEGIN IMMEDIATE")
-                .await
-                .map_err(db_error(action()))?;
-            let mut ids = Vec::with_capacity(messages.len());
-            for chunk in messages.chunks(ROWS_PER_INSERT) {
-                let chunk_ids = insert(&mut *tx, queue, chunk, now_ms)
-                    .await
-                    .map_err(db_error(action()))?;
-                ids.extend(chunk_ids);
-            }
-            tx.commit().await.map_err(db_error(action()))?;
-            ids
-        };
+        let doing = format!("enqueue {} message(s) to queue {queue:?}", messages.len());
+        let name = queue.to_owned();
+        let ids = self
+            .write(doing, move |conn| {
+                let now_ms = Utc::now().timestamp_millis();
+                let mut statement = conn.prepare_cached(INSERT)?;
+                let mut ids = Vec::with_capacity(messages.len());
+                for message in &messages {
+                    statement.execute((
+                        &name,
+                        &message.payload,
+                        message.priority,
+                        now_ms.saturating_add(millis(message.delay)),
+                        i64::from(message.max_deliveries),
+                        now_ms,
+                    ))?;
+                    ids.push(conn.last_insert_rowid());
+                }
+                Ok(ids)
+            })
+            .await?;
         self.wake(queue);
         Ok(ids)
     }
@@ -419,32 +391,14 @@ impl Queue for SqliteQueue {
     }
 
     async fn ack(&self, tags: &[DeliveryTag]) -> Result<Vec<bool>> {
-        const SQL: &str = concat!(
-            "DELETE FROM queue_messages WHERE ",
-            held_by_tags!(),
-            " RETURNING id, token"
-        );
-        Ok(self
-            .held("ack", tags, Repeated::LeaseGone, SQL, |q| q)
-            .await?
-            .0)
+        Ok(self.held("ack", tags, ACK, Extra::None).await?.0)
     }
 
     async fn nack(&self, tags: &[DeliveryTag], delay: Duration) -> Result<Vec<bool>> {
-        const SQL: &str = concat!(
-            "UPDATE queue_messages \
-             SET leased_until = NULL, visible_at = ?2, history = history || ?3 WHERE ",
-            held_by_tags!(),
-            " RETURNING id, token, queue"
-        );
         let now = Utc::now();
         let at = now.timestamp_millis().saturating_add(millis(delay));
         let line = history_line(now, &format!("nacked (visible again in {delay:?})")) + "\n";
-        let (answers, queues) = self
-            .held("nack", tags, Repeated::LeaseGone, SQL, |q| {
-                q.bind(at).bind(line)
-            })
-            .await?;
+        let (answers, queues) = self.held("nack", tags, NACK, Extra::Nack(at, line)).await?;
         for queue in queues {
             self.wake(&queue);
         }
@@ -452,20 +406,9 @@ impl Queue for SqliteQueue {
     }
 
     async fn extend(&self, tags: &[DeliveryTag], lease: Duration) -> Result<Vec<bool>> {
-        const SQL: &str = concat!(
-            "UPDATE queue_messages SET leased_until = ?2, visible_at = ?2 WHERE ",
-            held_by_tags!(),
-            " RETURNING id, token"
-        );
         let until = Utc::now().timestamp_millis().saturating_add(millis(lease));
         let (answers, _) = self
-            .held(
-                "extend the lease of",
-                tags,
-                Repeated::SameAnswer,
-                SQL,
-                |q| q.bind(until),
-            )
+            .held("extend the lease of", tags, EXTEND, Extra::Until(until))
             .await?;
         Ok(answers)
     }

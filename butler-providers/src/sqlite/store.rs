@@ -1,10 +1,12 @@
 //! SQLite run store.
 
 mod engine;
+mod tokens;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -12,8 +14,9 @@ use butler_core::change::ChangeSet;
 use butler_core::config::{self, Config};
 use butler_core::definition::Definition;
 use butler_core::model::{
-    Analysis, AnalysisRun, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns, NewWorkflow,
-    RoleLease, RunFilter, RunStatus, TaskInstance, WorkerInfo, Workflow,
+    Analysis, AnalysisRun, ApiToken, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns,
+    NewToken, NewWorkflow, RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo,
+    Workflow,
 };
 use butler_core::{BoxError, Error, Kind, Result, RunStore};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -22,10 +25,11 @@ use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, ConnectOptions, Row, SqliteConnection, SqlitePool, SqliteTransaction};
+use sqlx::{AssertSqlSafe, Row, SqliteConnection, SqlitePool, SqliteTransaction};
 use uuid::Uuid;
 
 use super::config::{Durability, SqliteConfig};
+use super::writer::Writer;
 
 /// The migrations of the tracker and the queue, applied by [`SqliteStore::open`].
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -51,8 +55,9 @@ const RUN_COLUMNS: &str = "id, workflow_id, analysis_id, status, workflow_config
 pub struct SqliteStore {
     pool: SqlitePool,
     config: Arc<SqliteConfig>,
-    /// Holds an in-memory database open while the pool opens and closes its connections.
-    _keeper: Option<Arc<Mutex<SqliteConnection>>>,
+    /// The connection that runs the engine's hot writes (`apply`), shared with the queue; it
+    /// also holds an in-memory database open while the pool opens and closes its connections.
+    writer: Arc<Writer>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -84,15 +89,6 @@ impl SqliteStore {
                 )
             })?;
         }
-        let keeper = if config.is_memory() {
-            let conn = options
-                .connect()
-                .await
-                .map_err(|e| open_error(&location, e))?;
-            Some(Arc::new(Mutex::new(conn)))
-        } else {
-            None
-        };
         let pool_options = SqlitePoolOptions::new().max_connections(config.connections());
         let started = Instant::now();
         let pool = loop {
@@ -107,11 +103,13 @@ impl SqliteStore {
                 Err(e) => return Err(open_error(&location, e)),
             }
         };
+        // Before the migrations, so an in-memory database is held from here on.
+        let writer = Writer::shared(&pool, true, &location).await?;
         migrate(&pool, &location).await?;
         Ok(SqliteStore {
             pool,
             config: Arc::new(config.clone()),
-            _keeper: keeper,
+            writer,
         })
     }
 
@@ -133,6 +131,7 @@ impl SqliteStore {
     /// Closes every connection, waiting for those in use to be returned; later calls fail as
     /// unavailable.
     pub async fn close(&self) {
+        self.writer.close();
         self.pool.close().await;
     }
 
@@ -582,14 +581,22 @@ impl RunStore for SqliteStore {
             conditions.push("status = ?");
         }
         if filter.after_id.is_some() {
-            conditions.push("id > ?");
+            conditions.push(if filter.newest_first {
+                "id < ?"
+            } else {
+                "id > ?"
+            });
         }
         let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs");
         if !conditions.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&conditions.join(" AND "));
         }
-        sql.push_str(" ORDER BY id");
+        sql.push_str(if filter.newest_first {
+            " ORDER BY id DESC"
+        } else {
+            " ORDER BY id"
+        });
         if filter.limit.is_some() {
             sql.push_str(" LIMIT ?");
         }
@@ -619,30 +626,66 @@ impl RunStore for SqliteStore {
             .map_err(|e| self.corrupt("a run", e))
     }
 
-    async fn count_runs(&self, analysis_id: Id) -> Result<BTreeMap<RunStatus, u64>> {
-        let doing = format!("count the runs of analysis {analysis_id}");
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| self.fail(&doing, e))?;
-        let sql = "SELECT 1 FROM analyses WHERE id = ?";
-        if !self.exists(&mut conn, sql, analysis_id, &doing).await? {
-            return Err(Error::not_found(Kind::Analysis, analysis_id));
+    async fn count_runs(&self, filter: &RunFilter) -> Result<BTreeMap<RunStatus, u64>> {
+        let doing = "count runs";
+        let mut conn = self.pool.acquire().await.map_err(|e| self.fail(doing, e))?;
+        if let Some(id) = filter.workflow_id {
+            let sql = "SELECT 1 FROM workflows WHERE id = ?";
+            if !self.exists(&mut conn, sql, id, doing).await? {
+                return Err(Error::not_found(Kind::Workflow, id));
+            }
         }
-        let rows = sqlx::query_as::<_, (String, i64)>(
-            "SELECT status, count(*) FROM runs WHERE analysis_id = ? GROUP BY status",
-        )
-        .bind(analysis_id)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(|e| self.fail(&doing, e))?;
+        if let Some(id) = filter.analysis_id {
+            let sql = "SELECT 1 FROM analyses WHERE id = ?";
+            if !self.exists(&mut conn, sql, id, doing).await? {
+                return Err(Error::not_found(Kind::Analysis, id));
+            }
+        }
+        // Triggers keep `run_counts` per workflow, analysis and status (migration 0006), so
+        // this sums a few rows however many runs there are.
+        let mut sql = "SELECT status, sum(n) FROM run_counts".to_owned();
+        match (filter.workflow_id, filter.analysis_id) {
+            (Some(_), Some(_)) => sql.push_str(" WHERE workflow_id = ? AND analysis_id = ?"),
+            (Some(_), None) => sql.push_str(" WHERE workflow_id = ?"),
+            (None, Some(_)) => sql.push_str(" WHERE analysis_id = ?"),
+            (None, None) => {}
+        }
+        sql.push_str(" GROUP BY status HAVING sum(n) > 0");
+        let mut query = sqlx::query_as::<_, (String, i64)>(AssertSqlSafe(sql));
+        for id in [filter.workflow_id, filter.analysis_id]
+            .into_iter()
+            .flatten()
+        {
+            query = query.bind(id);
+        }
+        let rows = query
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| self.fail(doing, e))?;
         let mut counts = BTreeMap::new();
         for (status, count) in rows {
             let status: RunStatus = status
                 .parse()
                 .map_err(|e: Error| self.corrupt("a run's status", e.into()))?;
             counts.insert(status, u64::try_from(count).unwrap_or_default());
+        }
+        Ok(counts)
+    }
+
+    async fn count_active_tasks(&self) -> Result<BTreeMap<TaskState, u64>> {
+        let rows = sqlx::query_as::<_, (String, i64)>(
+            "SELECT tasks.state, count(*) FROM runs JOIN tasks ON tasks.run_id = runs.id \
+             WHERE runs.status IN ('ready', 'scheduled', 'in-progress') GROUP BY tasks.state",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.fail("count the tasks of unfinished runs", e))?;
+        let mut counts = BTreeMap::new();
+        for (state, count) in rows {
+            let state: TaskState = state
+                .parse()
+                .map_err(|e: Error| self.corrupt("a task's state", e.into()))?;
+            counts.insert(state, u64::try_from(count).unwrap_or_default());
         }
         Ok(counts)
     }
@@ -762,6 +805,22 @@ impl RunStore for SqliteStore {
             .map(lease_from_row)
             .transpose()
             .map_err(|e| self.corrupt("a role lease", e))
+    }
+
+    async fn create_token(&self, token: NewToken) -> Result<ApiToken> {
+        self.insert_token(token).await
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<ApiToken>> {
+        self.select_token(hash).await
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
+        self.select_tokens().await
+    }
+
+    async fn delete_token(&self, name: &str) -> Result<()> {
+        self.remove_token(name).await
     }
 }
 
@@ -1005,11 +1064,19 @@ fn describe(config: &SqliteConfig) -> String {
 
 fn connect_options(config: &SqliteConfig) -> Result<SqliteConnectOptions> {
     let options = if config.is_memory() {
-        // A fresh name per store: a shared in-memory database that only this store's
-        // connections see.
-        "sqlite::memory:"
-            .parse::<SqliteConnectOptions>()
-            .map_err(|e| Error::backend("cannot set up an in-memory SQLite database", e))?
+        // A fresh name per store: an in-memory database that only this store's connections
+        // see. The `memdb` VFS lets the pool and the writer share it with the locking of a
+        // file, where the shared cache would refuse a reader at once while the writer writes.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "/butler-memory-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        SqliteConnectOptions::new()
+            .filename(name)
+            .vfs("memdb")
+            .create_if_missing(true)
     } else {
         SqliteConnectOptions::new()
             .filename(&config.path)

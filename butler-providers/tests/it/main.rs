@@ -8,12 +8,16 @@ mod amqp;
 #[cfg(feature = "sqlite")]
 mod engine;
 mod executor;
+#[cfg(all(feature = "notify", feature = "sqlite"))]
+mod notify;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "postgres")]
 mod postgres_queue;
 #[cfg(feature = "sqlite")]
 mod queue;
+#[cfg(feature = "sqlite")]
+mod sqlite_processes;
 #[cfg(feature = "sqlite")]
 mod store;
 #[cfg(feature = "sqlite")]

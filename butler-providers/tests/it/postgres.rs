@@ -296,7 +296,14 @@ async fn concurrent_launches_get_distinct_consecutive_ids() {
     all.sort_unstable();
     all.dedup();
     assert_eq!(all.len(), 4 * 5 * 50, "no run id is handed out twice");
-    let counts = schema.store.count_runs(analysis.id).await.expect("counts");
+    let counts = schema
+        .store
+        .count_runs(&butler_core::model::RunFilter {
+            analysis_id: Some(analysis.id),
+            ..Default::default()
+        })
+        .await
+        .expect("counts");
     assert_eq!(counts.get(&RunStatus::Ready), Some(&1000));
     let tasks = schema.store.list_tasks(&all).await.expect("tasks");
     assert_eq!(tasks.len(), 3_000, "three tasks per run");

@@ -185,7 +185,13 @@ async fn a_second_store_on_the_same_file_sees_the_first_ones_writes() {
         .await
         .expect("launch from the second store");
     assert!(later[0].id > runs[1].id);
-    let counts = first.count_runs(analysis.id).await.expect("counts");
+    let counts = first
+        .count_runs(&butler_core::model::RunFilter {
+            analysis_id: Some(analysis.id),
+            ..Default::default()
+        })
+        .await
+        .expect("counts");
     assert_eq!(counts.get(&RunStatus::Ready), Some(&4));
 }
 
@@ -325,7 +331,13 @@ async fn concurrent_launches_on_one_file_get_distinct_increasing_ids() {
     all.sort_unstable();
     all.dedup();
     assert_eq!(all.len(), 4 * 5 * 50, "no run id is handed out twice");
-    let counts = setup_store.count_runs(analysis.id).await.expect("counts");
+    let counts = setup_store
+        .count_runs(&butler_core::model::RunFilter {
+            analysis_id: Some(analysis.id),
+            ..Default::default()
+        })
+        .await
+        .expect("counts");
     assert_eq!(counts.get(&RunStatus::Ready), Some(&1000));
 }
 
@@ -407,7 +419,13 @@ async fn states_written_by_others_are_counted_and_filtered() {
     set(runs[2].id, "error").await.expect("update");
     set(runs[3].id, "in-progress").await.expect("update");
 
-    let counts = store.count_runs(analysis.id).await.expect("counts");
+    let counts = store
+        .count_runs(&butler_core::model::RunFilter {
+            analysis_id: Some(analysis.id),
+            ..Default::default()
+        })
+        .await
+        .expect("counts");
     assert_eq!(
         counts.into_iter().collect::<Vec<_>>(),
         vec![
@@ -978,7 +996,13 @@ async fn listing_a_page_among_a_million_runs_takes_milliseconds() {
     let per_page = started.elapsed() / pages;
     println!("list_runs: {per_page:?} per page of 1,000 runs");
     let started = Instant::now();
-    let counts = store.count_runs(analysis.id).await.expect("count");
+    let counts = store
+        .count_runs(&butler_core::model::RunFilter {
+            analysis_id: Some(analysis.id),
+            ..Default::default()
+        })
+        .await
+        .expect("count");
     println!("count_runs over 500,000 runs took {:?}", started.elapsed());
     assert_eq!(counts.values().sum::<u64>(), 500_000);
     assert!(

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-use super::{Decoded, SqliteStore, from_ms, now_ms, opt_from_ms};
+use super::{Decoded, SqliteStore, describe, from_ms, now_ms, opt_from_ms};
 
 /// The columns of `tasks` in the order [`task_from_row`] reads them.
 const TASK_COLUMNS: &str = "run_id, task_id, state, try_number, failures, token, lease_until, \
@@ -30,8 +30,8 @@ const INSERT_TASKS: &str = "WITH RECURSIVE ids (id) AS \
                             SELECT ids.id, t.value, t.key FROM ids, json_each(?) AS t";
 
 impl SqliteStore {
-    /// [`butler_core::RunStore::apply`]: every set in one `BEGIN IMMEDIATE` transaction of a
-    /// few statements, however many sets there are.
+    /// [`butler_core::RunStore::apply`]: every set in one call to the writer's thread, in its
+    /// write transaction, with a few statements however many sets there are.
     pub(super) async fn apply_sets(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>> {
         let changes: usize = sets.iter().map(Vec::len).sum();
         if changes == 0 {
@@ -39,11 +39,16 @@ impl SqliteStore {
             return Ok(vec![true; sets.len()]);
         }
         let doing = format!("apply {changes} change(s) in {} set(s)", sets.len());
-        let at = now_ms();
-        let mut tx = self.begin_write(&doing).await?;
-        let applied = apply::apply(self, &mut tx, &sets, at, &doing).await?;
-        self.commit(tx, &doing).await?;
-        Ok(applied)
+        let location = describe(&self.config);
+        self.writer
+            .run(doing.clone(), move |conn| {
+                let cx = apply::Context {
+                    location: &location,
+                    doing: &doing,
+                };
+                apply::apply(conn, &sets, now_ms(), cx)
+            })
+            .await
     }
 
     /// [`butler_core::RunStore::list_tasks`].

@@ -1,75 +1,50 @@
-//! [`butler_core::RunStore::apply`] in a constant number of round trips to the database,
-//! whatever the number of change sets: one statement reads the rows the changes name, the sets
-//! are decided in memory, and one batch of statements writes what applied.
+//! [`butler_core::RunStore::apply`]: the rows the changes name are read, the sets are decided
+//! in memory, and what applied is written, each row by its primary key with a statement
+//! prepared once per connection.
 //!
-//! Each call into SQLite is a handoff to the connection's thread and back, so a call of a
-//! thousand sets costs the same four (begin, read, write, commit) as a call of one. The
-//! transaction holds the write lock from its start, so the rows read stay as read until they
-//! are written.
+//! It runs on the writer's thread (see `sqlite/writer.rs`) inside the write transaction that
+//! thread holds, so the rows read stay as read until they are written, and a call of a thousand
+//! sets is one handoff to that thread and back, like a call of one.
 
 use std::collections::{HashMap, HashSet};
 
 use butler_core::change::{Change, ChangeSet, LeaseChange, RunChange, TaskChange};
 use butler_core::model::{Id, RunStatus, TaskInstance, TaskState};
-use butler_core::{Error, Result};
+use butler_core::{BoxError, Error, Result};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use rusqlite::{Connection, OptionalExtension};
 
-use super::super::{Decoded, SqliteStore};
+use super::super::Decoded;
+use crate::sqlite::writer::sqlite_error;
 
-/// The expectation columns of the tasks named by `?1`, a JSON array of `[run_id, task_id]`
-/// arrays, then the status of the runs named by `?2`, a JSON array of ids, in the same columns
-/// with a NULL task id.
-///
-/// `CROSS JOIN` keeps the array as the outer loop, so each task is one primary-key lookup
-/// however large the table.
-const READ: &str = "SELECT t.run_id, t.task_id, t.state, t.try_number, t.token \
-                    FROM json_each(?1) AS j CROSS JOIN tasks AS t \
-                    ON t.run_id = j.value ->> 0 AND t.task_id = j.value ->> 1 \
-                    UNION ALL \
-                    SELECT id, NULL, status, NULL, NULL FROM runs \
-                    WHERE id IN (SELECT value FROM json_each(?2))";
+/// The expectation columns of task (`?1`, `?2`).
+const READ_TASK: &str = "SELECT state, try_number, token FROM tasks \
+                         WHERE run_id = ?1 AND task_id = ?2";
 
-/// Every write of one call, sent as one batch, its parameters in this order: whole task rows,
-/// a JSON array of [`NewRow`]s; lease ends alone, of [`NewLease`]s; run statuses, of
-/// [`NewRun`]s; the time of the events, then the events, of [`NewEvent`]s, inserted in array
-/// order so that their ids follow the order of the changes.
-///
-/// The parameters are anonymous: the driver hands a batch's arguments to its statements in
-/// turn, but binds numbered ones only where a statement names every number up to its largest.
-const WRITE: &str = "UPDATE tasks SET state = n.state, try_number = n.try_number, \
-                     failures = n.failures, token = n.token, lease_until = n.lease_until, \
-                     worker = n.worker, queued_at = n.queued_at, \
-                     first_started_at = n.first_started_at, started_at = n.started_at, \
-                     ended_at = n.ended_at, next_try_at = n.next_try_at, \
-                     exit_code = n.exit_code, error = n.error \
-                     FROM (SELECT value ->> 0 AS run_id, value ->> 1 AS task_id, \
-                     value ->> 2 AS state, value ->> 3 AS try_number, \
-                     value ->> 4 AS failures, value ->> 5 AS token, \
-                     value ->> 6 AS lease_until, value ->> 7 AS worker, \
-                     value ->> 8 AS queued_at, value ->> 9 AS first_started_at, \
-                     value ->> 10 AS started_at, value ->> 11 AS ended_at, \
-                     value ->> 12 AS next_try_at, value ->> 13 AS exit_code, \
-                     value ->> 14 AS error FROM json_each(?)) AS n \
-                     WHERE tasks.run_id = n.run_id AND tasks.task_id = n.task_id; \
-                     UPDATE tasks SET lease_until = n.lease_until \
-                     FROM (SELECT value ->> 0 AS run_id, value ->> 1 AS task_id, \
-                     value ->> 2 AS lease_until FROM json_each(?)) AS n \
-                     WHERE tasks.run_id = n.run_id AND tasks.task_id = n.task_id; \
-                     UPDATE runs SET status = n.status, error = n.error, \
-                     started_at = CASE WHEN n.keep_started THEN runs.started_at \
-                     ELSE n.started_at END, ended_at = n.ended_at \
-                     FROM (SELECT value ->> 0 AS id, value ->> 1 AS status, \
-                     value ->> 2 AS error, value ->> 3 AS keep_started, \
-                     value ->> 4 AS started_at, value ->> 5 AS ended_at \
-                     FROM json_each(?)) AS n WHERE runs.id = n.id; \
-                     INSERT INTO events \
-                     (at, run_id, task_id, try_number, from_state, to_state, by_whom, reason) \
-                     SELECT ?, e.value ->> 0, e.value ->> 1, e.value ->> 2, \
-                     e.value ->> 3, e.value ->> 4, e.value ->> 5, e.value ->> 6 \
-                     FROM json_each(?) AS e ORDER BY e.key";
+/// The status of run `?1`.
+const READ_RUN: &str = "SELECT status FROM runs WHERE id = ?1";
+
+/// A task's whole row: task (`?1`, `?2`), then its columns in the order of [`NewRow`].
+const WRITE_ROW: &str = "UPDATE tasks SET state = ?3, try_number = ?4, failures = ?5, \
+                         token = ?6, lease_until = ?7, worker = ?8, queued_at = ?9, \
+                         first_started_at = ?10, started_at = ?11, ended_at = ?12, \
+                         next_try_at = ?13, exit_code = ?14, error = ?15 \
+                         WHERE run_id = ?1 AND task_id = ?2";
+
+/// The lease end `?3` alone of task (`?1`, `?2`).
+const WRITE_LEASE: &str = "UPDATE tasks SET lease_until = ?3 WHERE run_id = ?1 AND task_id = ?2";
+
+/// Run `?1`'s status `?2` and error `?3`; its start time becomes `?5` unless `?4` keeps the
+/// stored one; its end time becomes `?6`.
+const WRITE_RUN: &str = "UPDATE runs SET status = ?2, error = ?3, \
+                         started_at = CASE WHEN ?4 THEN started_at ELSE ?5 END, \
+                         ended_at = ?6 WHERE id = ?1";
+
+/// One event at time `?1`, the rest in the order of [`NewEvent`]. Events are inserted in the
+/// order of the changes, so their ids follow it.
+const WRITE_EVENT: &str = "INSERT INTO events \
+                           (at, run_id, task_id, try_number, from_state, to_state, by_whom, \
+                           reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
 /// One event to log: `[run_id, task_id, try_number, from, to, by, reason]`.
 type NewEvent<'a> = (
@@ -80,45 +55,6 @@ type NewEvent<'a> = (
     &'static str,
     &'a str,
     &'a str,
-);
-
-/// A task's whole new row, in the column order of the first statement of [`WRITE`]: run id,
-/// task id, state, try number, failures, token, then the lease end, worker, queued, first
-/// started, started, ended and next try times in milliseconds, exit code and error.
-#[derive(Debug, Serialize)]
-struct NewRow<'a>(
-    Id,
-    &'a str,
-    &'static str,
-    u32,
-    u32,
-    Option<i64>,
-    Option<i64>,
-    Option<&'a str>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i32>,
-    Option<&'a str>,
-);
-
-/// A lease end alone, in the column order of the second statement of [`WRITE`]: run id, task
-/// id, milliseconds.
-#[derive(Debug, Serialize)]
-struct NewLease<'a>(Id, &'a str, i64);
-
-/// A run's new status, in the column order of the third statement of [`WRITE`]: id, status,
-/// error, whether the stored start time stays, the start time otherwise and the end time.
-#[derive(Debug, Serialize)]
-struct NewRun<'a>(
-    Id,
-    &'static str,
-    Option<&'a str>,
-    bool,
-    Option<i64>,
-    Option<i64>,
 );
 
 /// What the sets applied so far in this call write to one task.
@@ -173,29 +109,49 @@ struct Rows<'a> {
     runs: HashMap<Id, RunNow<'a>>,
 }
 
-/// Applies `sets` on `conn`, inside a write transaction the caller commits, logging events at
-/// `at` (milliseconds); `doing` names the call in errors.
-pub(super) async fn apply(
-    store: &SqliteStore,
-    conn: &mut SqliteConnection,
+/// Where a call runs and what it does, for its errors.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Context<'c> {
+    /// The database, as named in messages.
+    pub location: &'c str,
+    /// The call, as named in messages.
+    pub doing: &'c str,
+}
+
+impl Context<'_> {
+    fn fail(&self, err: &rusqlite::Error) -> Error {
+        sqlite_error(self.location, self.doing, err)
+    }
+
+    fn corrupt(&self, what: &str, source: BoxError) -> Error {
+        Error::backend(
+            format!(
+                "{what} in {} cannot be read; the database may have been changed by hand or \
+                 by a newer butler",
+                self.location
+            ),
+            source,
+        )
+    }
+}
+
+/// Applies `sets` on `conn`, inside a write transaction its caller commits, logging events at
+/// `at` (milliseconds).
+pub(super) fn apply(
+    conn: &Connection,
     sets: &[ChangeSet],
     at: i64,
-    doing: &str,
+    cx: Context<'_>,
 ) -> Result<Vec<bool>> {
-    let mut rows = Rows::read(store, conn, sets, doing).await?;
+    let mut rows = Rows::read(conn, sets, cx)?;
     let (applied, events) = rows.decide(sets);
-    rows.write(store, conn, &events, at, doing).await?;
+    rows.write(conn, &events, at, cx)?;
     Ok(applied)
 }
 
 impl<'a> Rows<'a> {
     /// Reads every task and run that the changes of `sets` name, in one statement.
-    async fn read(
-        store: &SqliteStore,
-        conn: &mut SqliteConnection,
-        sets: &'a [ChangeSet],
-        doing: &str,
-    ) -> Result<Rows<'a>> {
+    fn read(conn: &Connection, sets: &'a [ChangeSet], cx: Context<'_>) -> Result<Rows<'a>> {
         let mut task_keys = Vec::new();
         let mut seen_tasks = HashSet::new();
         let mut run_keys = Vec::new();
@@ -218,21 +174,49 @@ impl<'a> Rows<'a> {
             }
         }
 
-        let found = sqlx::query(READ)
-            .bind(encode(&task_keys, doing)?)
-            .bind(encode(&run_keys, doing)?)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| store.fail(doing, e))?;
         let mut rows = Rows::default();
-        for row in &found {
-            match found_row(row).map_err(|e| store.corrupt("a task or run", e))? {
-                Found::Task(run_id, task_id, task) => {
-                    rows.tasks.entry(run_id).or_default().insert(task_id, task);
-                }
-                Found::Run(run_id, run) => {
-                    rows.runs.insert(run_id, run);
-                }
+        let mut read_task = conn.prepare_cached(READ_TASK).map_err(|e| cx.fail(&e))?;
+        for (run_id, task_id) in task_keys {
+            let found: Option<(String, i64, Option<i64>)> = read_task
+                .query_row((run_id, task_id), |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()
+                .map_err(|e| cx.fail(&e))?;
+            let Some((state, try_number, token)) = found else {
+                continue;
+            };
+            let task = (|| -> Decoded<TaskNow<'a>> {
+                Ok(TaskNow {
+                    state: state.parse()?,
+                    try_number: u32::try_from(try_number)?,
+                    token,
+                    write: None,
+                })
+            })()
+            .map_err(|e| cx.corrupt("a task", e))?;
+            rows.tasks
+                .entry(run_id)
+                .or_default()
+                .insert(task_id.to_owned(), task);
+        }
+        let mut read_run = conn.prepare_cached(READ_RUN).map_err(|e| cx.fail(&e))?;
+        for run_id in run_keys {
+            let found: Option<String> = read_run
+                .query_row([run_id], |row| row.get(0))
+                .optional()
+                .map_err(|e| cx.fail(&e))?;
+            if let Some(status) = found {
+                let status = status
+                    .parse::<RunStatus>()
+                    .map_err(|e| cx.corrupt("a run", e.into()))?;
+                rows.runs.insert(
+                    run_id,
+                    RunNow {
+                        status,
+                        write: None,
+                    },
+                );
             }
         }
         Ok(rows)
@@ -367,130 +351,104 @@ impl<'a> Rows<'a> {
         self.tasks.get_mut(&run_id)?.get_mut(task_id)
     }
 
-    /// Writes the rows that the applied sets changed and their `events`, in one batch of
-    /// statements; does nothing when no set changed anything.
-    async fn write(
+    /// Writes the rows that the applied sets changed and their `events`, each row by its
+    /// primary key; does nothing when no set changed anything.
+    fn write(
         &self,
-        store: &SqliteStore,
-        conn: &mut SqliteConnection,
+        conn: &Connection,
         events: &[NewEvent<'_>],
         at: i64,
-        doing: &str,
+        cx: Context<'_>,
     ) -> Result<()> {
         let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
-        let mut rows = Vec::new();
-        let mut leases = Vec::new();
+        // Each row written was read in this transaction, which holds the write lock, so a row
+        // not found means the database does not behave as this code assumes; the error makes
+        // the writer roll this call's writes back.
+        let one = |changed: usize, what: String| -> Result<()> {
+            if changed == 1 {
+                return Ok(());
+            }
+            Err(Error::backend(
+                format!("cannot {}: the transaction was rolled back", cx.doing),
+                format!("{what} was read but not written; report this as a bug in butler"),
+            ))
+        };
+        let mut row_statement = None;
+        let mut lease_statement = None;
         for (run_id, tasks) in &self.tasks {
             for (task_id, task) in tasks {
-                match task.write {
-                    Some(TaskWrite::Row { new, lease_until }) => rows.push(NewRow(
-                        *run_id,
-                        task_id,
-                        new.state.as_str(),
-                        new.try_number,
-                        new.failures,
-                        new.token,
-                        ms(lease_until),
-                        new.worker.as_deref(),
-                        ms(new.queued_at),
-                        ms(new.first_started_at),
-                        ms(new.started_at),
-                        ms(new.ended_at),
-                        ms(new.next_try_at),
-                        new.exit_code,
-                        new.error.as_deref(),
-                    )),
-                    Some(TaskWrite::Lease(until)) => {
-                        leases.push(NewLease(*run_id, task_id, until.timestamp_millis()));
+                let changed = match task.write {
+                    Some(TaskWrite::Row { new, lease_until }) => {
+                        let statement = match &mut row_statement {
+                            Some(statement) => statement,
+                            None => row_statement
+                                .insert(conn.prepare_cached(WRITE_ROW).map_err(|e| cx.fail(&e))?),
+                        };
+                        statement.execute(rusqlite::params![
+                            run_id,
+                            task_id,
+                            new.state.as_str(),
+                            new.try_number,
+                            new.failures,
+                            new.token,
+                            ms(lease_until),
+                            new.worker.as_deref(),
+                            ms(new.queued_at),
+                            ms(new.first_started_at),
+                            ms(new.started_at),
+                            ms(new.ended_at),
+                            ms(new.next_try_at),
+                            new.exit_code,
+                            new.error.as_deref(),
+                        ])
                     }
-                    None => {}
+                    Some(TaskWrite::Lease(until)) => {
+                        let statement = match &mut lease_statement {
+                            Some(statement) => statement,
+                            None => lease_statement
+                                .insert(conn.prepare_cached(WRITE_LEASE).map_err(|e| cx.fail(&e))?),
+                        };
+                        statement.execute((run_id, task_id, until.timestamp_millis()))
+                    }
+                    None => continue,
                 }
+                .map_err(|e| cx.fail(&e))?;
+                one(changed, format!("task {task_id:?} of run {run_id}"))?;
             }
         }
-        let runs: Vec<NewRun<'_>> = self
-            .runs
-            .iter()
-            .filter_map(|(id, run)| {
-                let write = run.write?;
-                Some(NewRun(
-                    *id,
+        let mut run_statement = None;
+        for (id, run) in &self.runs {
+            let Some(write) = run.write else {
+                continue;
+            };
+            let statement = match &mut run_statement {
+                Some(statement) => statement,
+                None => {
+                    run_statement.insert(conn.prepare_cached(WRITE_RUN).map_err(|e| cx.fail(&e))?)
+                }
+            };
+            let changed = statement
+                .execute((
+                    id,
                     write.status.as_str(),
                     write.error,
                     write.started_at.is_none(),
                     ms(write.started_at.flatten()),
                     ms(write.ended_at),
                 ))
-            })
-            .collect();
-        let expected = rows.len() + leases.len() + runs.len() + events.len();
-        if expected == 0 {
-            return Ok(());
+                .map_err(|e| cx.fail(&e))?;
+            one(changed, format!("run {id}"))?;
         }
-        let done = sqlx::query(WRITE)
-            .bind(encode(&rows, doing)?)
-            .bind(encode(&leases, doing)?)
-            .bind(encode(&runs, doing)?)
-            .bind(at)
-            .bind(encode(events, doing)?)
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| store.fail(doing, e))?;
-        // Each row written was read in this transaction, which holds the write lock, so a
-        // shortfall means the database does not behave as this code assumes; the caller's
-        // transaction is dropped, so nothing is committed.
-        let written = done.rows_affected();
-        if written == u64::try_from(expected).unwrap_or(u64::MAX) {
-            return Ok(());
+        if !events.is_empty() {
+            let mut statement = conn.prepare_cached(WRITE_EVENT).map_err(|e| cx.fail(&e))?;
+            for (run_id, task_id, try_number, from, to, by, reason) in events {
+                statement
+                    .execute((at, run_id, task_id, try_number, from, to, by, reason))
+                    .map_err(|e| cx.fail(&e))?;
+            }
         }
-        Err(Error::backend(
-            format!("cannot {doing}: the transaction was rolled back"),
-            format!(
-                "{} task row(s), {} lease(s), {} run(s) and {} event(s) were to be written, \
-                 but {written} row(s) were; report this as a bug in butler",
-                rows.len(),
-                leases.len(),
-                runs.len(),
-                events.len()
-            ),
-        ))
+        Ok(())
     }
-}
-
-/// The JSON text bound for one of the arrays above.
-fn encode<T: Serialize + ?Sized>(value: &T, doing: &str) -> Result<String> {
-    serde_json::to_string(value)
-        .map_err(|e| Error::backend(format!("cannot {doing}: a change cannot be encoded"), e))
-}
-
-/// A row of [`READ`].
-enum Found<'a> {
-    Task(Id, String, TaskNow<'a>),
-    Run(Id, RunNow<'a>),
-}
-
-/// Reads a row of [`READ`]: a task's, or a run's when the task id is NULL.
-fn found_row<'a>(row: &SqliteRow) -> Decoded<Found<'a>> {
-    let id: Id = row.try_get(0)?;
-    let state: &str = row.try_get(2)?;
-    Ok(match row.try_get::<Option<String>, _>(1)? {
-        Some(task_id) => Found::Task(
-            id,
-            task_id,
-            TaskNow {
-                state: state.parse()?,
-                try_number: u32::try_from(row.try_get::<i64, _>(3)?)?,
-                token: row.try_get(4)?,
-                write: None,
-            },
-        ),
-        None => Found::Run(
-            id,
-            RunNow {
-                status: state.parse()?,
-                write: None,
-            },
-        ),
-    })
 }
 
 /// The event an applied change logs; lease changes log none.
@@ -541,6 +499,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::sqlite::SqliteStore;
 
     /// Times the store keeps exactly: whole milliseconds.
     fn at(ms: i64) -> DateTime<Utc> {

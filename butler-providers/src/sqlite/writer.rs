@@ -1,0 +1,414 @@
+//! The write path of the hot loop: one connection per database file and process, on a thread of
+//! its own, that runs each caller's work as one call and commits the work that arrived together
+//! in one transaction.
+//!
+//! The pool's driver hands every statement to its connection's thread and back; a task's changes
+//! took a few such round trips each, and a third of the engine's time went to switching threads.
+//! Here a caller sends its whole batch (a closure) once and gets one answer, and the thread runs
+//! the closures it finds waiting in one `BEGIN IMMEDIATE` transaction: one commit, one fsync, for
+//! all of them. When one fails, the transaction is rolled back, that one answers its error and
+//! the others run again in a new transaction, so a failure undoes only its own writes (savepoints
+//! would do the same, at the price of journaling every page each closure changes).
+//!
+//! SQLite lets one connection write at a time. Writers of one process share one connection (see
+//! [`Writer::shared`]), so they queue here instead of meeting on the file's lock, where SQLite's
+//! busy handler sleeps for whole milliseconds; writers in other processes still meet on the lock,
+//! and wait for it up to the busy timeout.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, Weak, mpsc};
+use std::time::Duration;
+
+use butler_core::{Error, Result};
+use rusqlite::{Connection, OpenFlags};
+use sqlx::SqlitePool;
+use tokio::sync::oneshot;
+
+/// The most pieces of work committed by one transaction.
+const MAX_GROUP: usize = 256;
+
+/// How often a group runs again after SQLite gave up its transaction on its own.
+const MAX_ROUNDS: u32 = 3;
+
+/// Prepared statements kept per connection: the hot path uses about twenty.
+const STATEMENT_CACHE: usize = 64;
+
+/// The connection a [`Writer`] opens: the file, and the settings its pool runs with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Target {
+    /// The database file as SQLite names it, or the name of an in-memory database.
+    pub path: String,
+    /// Whether `path` names an in-memory database of the `memdb` VFS rather than a file.
+    pub memory: bool,
+    /// `PRAGMA synchronous`: 0 off, 1 normal, 2 full, 3 extra.
+    pub synchronous: i64,
+    /// `PRAGMA busy_timeout`, in milliseconds.
+    pub busy_timeout_ms: i64,
+}
+
+/// A piece of work sent to the writer's thread.
+trait Work: Send {
+    /// Runs the work inside the open transaction, keeping its outcome; answers whether it
+    /// succeeded. Work may run again, after a rollback, when other work of its group failed.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Sends the outcome kept by the last run, unless the transaction failed (`failure`).
+    fn answer(self: Box<Self>, failure: Option<&rusqlite::Error>);
+}
+
+/// A closure, what it is doing (for errors), its outcome, and where its answer goes.
+struct Job<F, T> {
+    doing: String,
+    location: Arc<str>,
+    work: F,
+    out: Option<Result<T>>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<F, T> Work for Job<F, T>
+where
+    F: Fn(&Connection) -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        self.out = None;
+        let out = (self.work)(conn);
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn answer(self: Box<Self>, failure: Option<&rusqlite::Error>) {
+        let out = match (self.out, failure) {
+            (Some(Err(e)), _) => Err(e),
+            (_, Some(e)) => Err(sqlite_error(&self.location, &self.doing, e)),
+            (Some(Ok(value)), None) => Ok(value),
+            (None, None) => Err(Error::backend(
+                format!("cannot {}: the work failed while writing", self.doing),
+                "it panicked; report this as a bug in butler",
+            )),
+        };
+        let _ = self.reply.send(out);
+    }
+}
+
+/// Maps a SQLite failure while `doing` something in the database `location` names to Butler's
+/// error: busy, locked, I/O, full and cannot-open are worth retrying, the rest is a backend
+/// failure.
+pub(crate) fn sqlite_error(location: &str, doing: &str, err: &rusqlite::Error) -> Error {
+    let code = err.sqlite_error().map_or(0, |e| e.extended_code);
+    // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN.
+    if matches!(code & 0xff, 5 | 6 | 10 | 13 | 14) {
+        Error::unavailable(
+            format!(
+                "cannot {doing}: {location} is busy or unreachable; try again, and check that \
+                 its disk has room and the file is readable and writable (a busy database \
+                 waits up to busy_timeout_ms)"
+            ),
+            err.to_string(),
+        )
+    } else {
+        Error::backend(format!("cannot {doing} in {location}"), err.to_string())
+    }
+}
+
+/// One write connection on its own thread. Dropping the last handle ends the thread and closes
+/// the connection.
+pub(crate) struct Writer {
+    target: Target,
+    location: Arc<str>,
+    jobs: Mutex<Option<mpsc::Sender<Box<dyn Work>>>>,
+}
+
+impl fmt::Debug for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Writer")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The writers of this process, by what they open: stores and queues on one file share one.
+fn registry() -> &'static Mutex<HashMap<Target, Weak<Writer>>> {
+    static WRITERS: OnceLock<Mutex<HashMap<Target, Weak<Writer>>>> = OnceLock::new();
+    WRITERS.get_or_init(Mutex::default)
+}
+
+impl Writer {
+    /// The writer of the database `pool` is open on, with the pool's `synchronous` and busy
+    /// timeout: the one already running in this process, or a new one.
+    ///
+    /// An in-memory database (of the `memdb` VFS, named by the pool's filename) gets a new
+    /// writer only when `owner` says the caller made it: a store opening its database does; a
+    /// queue on a store's pool finds the store's writer.
+    pub(crate) async fn shared(
+        pool: &SqlitePool,
+        owner: bool,
+        location: &str,
+    ) -> Result<Arc<Writer>> {
+        let doing = "read the database's settings";
+        let (file, synchronous, busy_timeout_ms): (String, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT file FROM pragma_database_list WHERE name = 'main'), \
+             (SELECT synchronous FROM pragma_synchronous), \
+             (SELECT timeout FROM pragma_busy_timeout)",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(|e| Error::unavailable(format!("cannot {doing} of {location}"), e))?;
+        // SQLite names no file for a database in memory.
+        let memory = file.is_empty();
+        let path = if memory {
+            pool.connect_options()
+                .get_filename()
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            file
+        };
+        let target = Target {
+            path,
+            memory,
+            synchronous,
+            busy_timeout_ms,
+        };
+        if let Some(writer) = Self::registered(&target) {
+            return Ok(writer);
+        }
+        if memory && !owner {
+            return Err(Error::InvalidInput(format!(
+                "{location} is an in-memory database that this queue cannot write to; open \
+                 the queue on a database file, or on the pool of a SqliteStore opened with \
+                 sqlite::memory:"
+            )));
+        }
+        let opened = tokio::task::spawn_blocking({
+            let target = target.clone();
+            let location = location.to_owned();
+            move || Self::open(target, &location)
+        })
+        .await
+        .map_err(|e| Error::backend(format!("cannot open {location} for writing"), e))??;
+        let mut writers = registry().lock().unwrap_or_else(|e| e.into_inner());
+        // Another caller may have opened one meanwhile: keep the first.
+        if let Some(writer) = writers.get(&target).and_then(Weak::upgrade) {
+            return Ok(writer);
+        }
+        writers.retain(|_, w| w.strong_count() > 0);
+        writers.insert(target, Arc::downgrade(&opened));
+        Ok(opened)
+    }
+
+    fn registered(target: &Target) -> Option<Arc<Writer>> {
+        let writers = registry().lock().unwrap_or_else(|e| e.into_inner());
+        writers.get(target).and_then(Weak::upgrade)
+    }
+
+    /// Opens the connection and starts its thread.
+    fn open(target: Target, location: &str) -> Result<Arc<Writer>> {
+        let doing = "open the database for writing";
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = if target.memory {
+            Connection::open_with_flags_and_vfs(&target.path, flags, c"memdb")
+        } else {
+            Connection::open_with_flags(PathBuf::from(&target.path), flags)
+        }
+        .map_err(|e| sqlite_error(location, doing, &e))?;
+        let busy = Duration::from_millis(u64::try_from(target.busy_timeout_ms).unwrap_or(0));
+        let setup = || -> rusqlite::Result<()> {
+            conn.busy_timeout(busy)?;
+            conn.pragma_update(None, "synchronous", target.synchronous)?;
+            conn.pragma_update(None, "foreign_keys", true)?;
+            // Savepoints journal the pages they change; in memory, not in a temporary file.
+            conn.pragma_update(None, "temp_store", "MEMORY")?;
+            if !target.memory {
+                // The pool switched the file to WAL already; this only confirms it.
+                let mode: String =
+                    conn.pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))?;
+                if !mode.eq_ignore_ascii_case("wal") {
+                    return Err(rusqlite::Error::InvalidQuery);
+                }
+            }
+            conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+            Ok(())
+        };
+        setup().map_err(|e| sqlite_error(location, doing, &e))?;
+
+        let (jobs, queue) = mpsc::channel::<Box<dyn Work>>();
+        let name = "butler-sqlite-writer".to_owned();
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || serve(&conn, &queue))
+            .map_err(|e| Error::unavailable(format!("cannot {doing}: no thread for it"), e))?;
+        Ok(Arc::new(Writer {
+            target,
+            location: location.into(),
+            jobs: Mutex::new(Some(jobs)),
+        }))
+    }
+
+    /// The database, as named in messages.
+    pub(crate) fn location(&self) -> &Arc<str> {
+        &self.location
+    }
+
+    /// Runs `work` on the writer's connection inside a write transaction, and answers once that
+    /// transaction has committed (or failed). `doing` names the work in errors. Work that fails
+    /// changes nothing; work that succeeds is durable when this returns. `work` may run more than
+    /// once (each time after its earlier writes were rolled back), so it must read everything
+    /// it decides on inside the transaction.
+    pub(crate) async fn run<T, F>(&self, doing: String, work: F) -> Result<T>
+    where
+        F: Fn(&Connection) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let stopped = |doing: &str| {
+            Error::unavailable(
+                format!(
+                    "cannot {doing}: the writer of {} is closed or has stopped",
+                    self.location
+                ),
+                "the store was closed",
+            )
+        };
+        let job: Box<dyn Work> = Box::new(Job {
+            doing: doing.clone(),
+            location: Arc::clone(&self.location),
+            work,
+            out: None,
+            reply,
+        });
+        {
+            let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let sent = jobs.as_ref().map(|jobs| jobs.send(job));
+            if !matches!(sent, Some(Ok(()))) {
+                return Err(stopped(&doing));
+            }
+        }
+        answer.await.map_err(|_| {
+            Error::backend(
+                format!(
+                    "cannot {doing}: the writer of {} failed while doing it",
+                    self.location
+                ),
+                "the work panicked; report this as a bug in butler",
+            )
+        })?
+    }
+
+    /// Stops taking work; the thread finishes what it has and closes the connection.
+    pub(crate) fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut writers = registry().lock().unwrap_or_else(|e| e.into_inner());
+        if writers
+            .get(&self.target)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), self))
+        {
+            writers.remove(&self.target);
+        }
+    }
+}
+
+/// The writer's thread: takes the work waiting, runs it in one transaction, answers.
+fn serve(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Work>>) {
+    // TEMPORARY STATS
+    let started = std::time::Instant::now();
+    let mut groups = 0u64;
+    let mut jobs = 0u64;
+    let mut busy = Duration::ZERO;
+    let mut hist = [0u64; 8];
+    let stats = std::env::var_os("BUTLER_WRITER_STATS").is_some();
+    while let Ok(first) = queue.recv() {
+        let t0 = std::time::Instant::now();
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        groups += 1;
+        jobs += group.len() as u64;
+        hist[group.len().min(7)] += 1;
+        run_group(conn, group);
+        busy += t0.elapsed();
+        if stats && groups % 500 == 0 {
+            eprintln!("writer: {groups} groups, {jobs} jobs, busy {busy:?} of {:?}, sizes {hist:?}", started.elapsed());
+        }
+    }
+    if stats {
+        eprintln!("writer end: {groups} groups, {jobs} jobs, busy {busy:?} of {:?}, sizes {hist:?}", started.elapsed());
+    }
+}
+
+/// Runs `group` in one transaction; when a piece fails, rolls back, answers it, and runs the
+/// rest again in a new one.
+fn run_group(conn: &Connection, mut group: Vec<Box<dyn Work>>) {
+    let mut rounds = 0;
+    while !group.is_empty() {
+        rounds += 1;
+        if let Err(e) = statement(conn, "BEGIN IMMEDIATE") {
+            for work in group {
+                work.answer(Some(&e));
+            }
+            return;
+        }
+        let mut failed = None;
+        let mut lost = false;
+        for (index, work) in group.iter_mut().enumerate() {
+            // A panic leaves the work without an outcome; it answers that it failed.
+            if !catch_unwind(AssertUnwindSafe(|| work.run(conn))).unwrap_or(false) {
+                failed = Some(index);
+                break;
+            }
+            // SQLite may give up a transaction on its own (a full disk, an I/O error) while
+            // the work went on.
+            if conn.is_autocommit() {
+                lost = true;
+                break;
+            }
+        }
+        if lost {
+            if rounds < MAX_ROUNDS {
+                continue;
+            }
+            let e = rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                Some("SQLite rolled the transaction back".to_owned()),
+            );
+            for work in group {
+                work.answer(Some(&e));
+            }
+            return;
+        }
+        let Some(failed) = failed else {
+            let committed = statement(conn, "COMMIT");
+            if committed.is_err() {
+                rollback(conn);
+            }
+            for work in group {
+                work.answer(committed.as_ref().err());
+            }
+            return;
+        };
+        rollback(conn);
+        group.remove(failed).answer(None);
+    }
+}
+
+fn statement(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+fn rollback(conn: &Connection) {
+    if !conn.is_autocommit() {
+        // A failed rollback leaves SQLite to roll back when the connection next begins.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+}
