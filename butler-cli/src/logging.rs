@@ -333,7 +333,10 @@ mod tests {
         assert_eq!(component("butler_core::engine::scheduler"), "scheduler");
         assert_eq!(component("butler_core::engine::worker"), "worker");
         assert_eq!(component("butler_providers::sqlite::queue"), "queue");
-        assert_eq!(component("butler_providers::sqlite::store::engine"), "store");
+        assert_eq!(
+            component("butler_providers::sqlite::store::engine"),
+            "store"
+        );
         assert_eq!(component("sqlx::query"), "store");
         assert_eq!(component("butler_core::engine"), "butler");
         // A prefix is a whole module, not the start of a longer name.

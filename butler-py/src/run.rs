@@ -296,7 +296,6 @@ fn no_such_task(run: Id, task_id: &str, tasks: &[TaskInstance]) -> PyErr {
     ))
 }
 
-
 /// The run id of `obj`: a [`Run`] or an `int`.
 pub(crate) fn run_id(obj: &Bound<'_, PyAny>) -> PyResult<Id> {
     if let Ok(run) = obj.cast::<Run>() {

@@ -392,9 +392,9 @@ pub async fn memory(args: &Args) -> anyhow::Result<Vec<Figure>> {
         let ready = s
             .store
             .count_runs(&butler_core::model::RunFilter {
-            analysis_id: Some(s.analysis),
-            ..Default::default()
-        })
+                analysis_id: Some(s.analysis),
+                ..Default::default()
+            })
             .await?
             .get(&RunStatus::Ready)
             .copied()

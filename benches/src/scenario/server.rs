@@ -22,9 +22,8 @@ const LOAD: &str = "5s";
 
 pub async fn run(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let total = args.size.unwrap_or(1_000_000);
-    let wrk = which("wrk").context(
-        "the server scenario needs wrk on PATH: install it with `apt-get install wrk`",
-    )?;
+    let wrk = which("wrk")
+        .context("the server scenario needs wrk on PATH: install it with `apt-get install wrk`")?;
     let butler = butler_binary()?;
     let dir = tempfile::tempdir()?;
     let store = open_store(dir.path(), args.durability).await?;
@@ -63,7 +62,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Figure>> {
             floor = Some((measured.p50_ms, measured.p99_ms));
             continue;
         };
-        let label = format!("{what}, {total} runs, {} active", total as i64 / ACTIVE_EVERY);
+        let label = format!(
+            "{what}, {total} runs, {} active",
+            total as i64 / ACTIVE_EVERY
+        );
         figures.push(
             Figure::new("server", format!("{label}: p50"), measured.p50_ms, "ms")
                 .limit(floor_p50, "/health p50"),

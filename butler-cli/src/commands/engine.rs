@@ -20,8 +20,8 @@ use tokio::task::JoinHandle;
 
 use super::launch;
 use crate::opt::{LaunchWorkflow, ServerArgs, Wait, WorkerArgs};
-use crate::server::{self, AppState, Auth};
 use crate::output;
+use crate::server::{self, AppState, Auth};
 use crate::settings::Settings;
 
 /// Failed runs named in the error of a wait; the rest are counted.
@@ -97,7 +97,11 @@ pub async fn server(settings: &Settings, backends: &Backends, args: ServerArgs) 
     let listener = server::bind(args.listen).await?;
     // With port 0 the system picks one: print the one it picked.
     let addr = listener.local_addr().unwrap_or(args.listen);
-    let auth = if args.no_auth { Auth::Open } else { Auth::Tokens };
+    let auth = if args.no_auth {
+        Auth::Open
+    } else {
+        Auth::Tokens
+    };
     let state = AppState::new(
         backends,
         options.queue.clone(),

@@ -370,8 +370,6 @@ fn check_try(run: &AnalysisRun, task: &TaskInstance, try_number: u32) -> Result<
     Ok(())
 }
 
-
-
 /// How long the task's latest attempt ran, or has been running.
 fn task_duration(task: &TaskInstance, now: DateTime<Utc>) -> Option<Duration> {
     let started = task.started_at?;

@@ -26,12 +26,22 @@ pub async fn run(tracker: &Tracker, command: TokenCommand, out: &mut impl Write)
 async fn create(tracker: &Tracker, args: TokenCreate, out: &mut impl Write) -> Result<()> {
     let name = args.name.trim();
     if name.is_empty() || name.chars().any(char::is_control) {
-        bail!("--name {:?} is not a name; give a printable one such as ci-launcher", args.name);
+        bail!(
+            "--name {:?} is not a name; give a printable one such as ci-launcher",
+            args.name
+        );
     }
     let (token, secret) = NewToken::generate(name, args.read_only);
     tracker.store().create_token(token).await?;
-    let scope = if args.read_only { "read-only" } else { "read-write" };
-    writeln!(out, "Created {scope} token {name}. Its secret, shown only this once:")?;
+    let scope = if args.read_only {
+        "read-only"
+    } else {
+        "read-write"
+    };
+    writeln!(
+        out,
+        "Created {scope} token {name}. Its secret, shown only this once:"
+    )?;
     writeln!(out, "{secret}")?;
     Ok(())
 }
@@ -39,7 +49,11 @@ async fn create(tracker: &Tracker, args: TokenCreate, out: &mut impl Write) -> R
 async fn list(tracker: &Tracker, json: bool, out: &mut impl Write) -> Result<()> {
     let mut table = Table::new(&["NAME", "SCOPE", "CREATED"]);
     for token in tracker.store().list_tokens().await? {
-        let scope = if token.read_only { "read-only" } else { "read-write" };
+        let scope = if token.read_only {
+            "read-only"
+        } else {
+            "read-write"
+        };
         table.push(vec![
             Value::from(token.name),
             Value::from(scope),

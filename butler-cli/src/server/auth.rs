@@ -158,6 +158,9 @@ mod tests {
 
     #[test]
     fn next_paths_are_percent_encoded() {
-        assert_eq!(percent_encode("/runs?status=error&x=1"), "/runs%3Fstatus%3Derror%26x%3D1");
+        assert_eq!(
+            percent_encode("/runs?status=error&x=1"),
+            "/runs%3Fstatus%3Derror%26x%3D1"
+        );
     }
 }

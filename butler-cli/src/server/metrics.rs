@@ -66,8 +66,7 @@ fn recorder() -> &'static PrometheusHandle {
         ];
         let mut builder = PrometheusBuilder::new();
         for (name, bounds) in buckets {
-            builder = match builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), bounds)
-            {
+            builder = match builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), bounds) {
                 Ok(builder) => builder,
                 // Only empty bounds are refused, and the engine's are not empty.
                 Err(err) => {

@@ -87,7 +87,10 @@ async fn health() -> &'static str {
 async fn ready(State(state): State<AppState>) -> Response {
     match state.check_ready().await {
         Ok(()) => "ready\n".into_response(),
-        Err(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {problem}\n"))
+        Err(problem) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {problem}\n"),
+        )
             .into_response(),
     }
 }

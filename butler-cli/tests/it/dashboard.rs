@@ -16,10 +16,11 @@ use serde_json::{Value, json};
 use crate::http::Server;
 use crate::util::{KillOnDrop, PATIENCE, Sandbox, marker, wait_until};
 
-/// A server with runs in every interesting state, and tokens to read it with.
+/// A server with runs in every interesting state, and tokens to read it with. Dropped in
+/// field order: the server stops, then its task processes, then the sandbox goes.
 struct Scene {
-    sandbox: Sandbox,
     server: Server,
+    _tasks: KillOnDrop,
     /// Runs of `greet` that completed (samples alpha and beta).
     completed: Vec<i64>,
     /// The run of `broken` that failed (sample gamma).
@@ -30,7 +31,7 @@ struct Scene {
     secret: String,
     /// The secret of a read-only token.
     read_only: String,
-    _tasks: KillOnDrop,
+    sandbox: Sandbox,
 }
 
 const GREET: &str = r#"
@@ -103,14 +104,14 @@ impl Scene {
             log.contains("tick 2").then_some(()).ok_or(log)
         });
         Scene {
-            sandbox,
             server,
+            _tasks: tasks,
             completed,
             failed,
             running,
             secret,
             read_only,
-            _tasks: tasks,
+            sandbox,
         }
     }
 
@@ -218,7 +219,7 @@ fn pages_render_and_a_read_only_token_sees_no_buttons() {
     let scene = Scene::new("dashboard-http");
     let client = http();
 
-    // Without a token, pages send the browser to the login page; the API answers 401.
+    // Without a token, a page sends the browser to the login page, and back afterwards.
     let response = client
         .get(scene.url("/runs/1?x=1"))
         .send()
@@ -889,7 +890,11 @@ async fn browse(browser: &Browser, scene: &Scene) {
     let (class, _) = node("tick").await;
     assert!(class.contains("s-running"), "{class}");
     assert_eq!(text(browser, "#log-live").await.unwrap(), "following");
-    script(browser, "window.stayed = true").await;
+    script(
+        browser,
+        "window.stayed = true; document.getElementById('timeline').dataset.seen = '1'",
+    )
+    .await;
     let lines = |log: &str| log.lines().filter(|l| l.starts_with("tick ")).count();
     let before = lines(&text(browser, "#log").await.unwrap());
     assert!(
@@ -913,7 +918,46 @@ async fn browse(browser: &Browser, scene: &Scene) {
         log.contains(&format!("tick {grown}")),
         "lines in order: {log}"
     );
+    // The timeline of a running run is redrawn as its attempt goes on.
+    eventually("the timeline to be redrawn", || async {
+        let fresh = script(
+            browser,
+            "return !document.getElementById('timeline').dataset.seen",
+        )
+        .await;
+        (fresh == json!(true))
+            .then_some(())
+            .ok_or(format!("{fresh}"))
+    })
+    .await;
     screenshot(browser, "dashboard-running-run").await;
+
+    // The workers page, redrawn while it is open.
+    browser
+        .goto(&scene.url("/workers"))
+        .await
+        .expect("the workers page");
+    let workers = text(browser, "#workers-live").await.unwrap();
+    assert!(
+        workers.contains("alive") && workers.contains("butler.tasks"),
+        "{workers}"
+    );
+    script(
+        browser,
+        "document.querySelector('#workers-live table').dataset.seen = '1'",
+    )
+    .await;
+    eventually("the workers page to refresh", || async {
+        let fresh = script(
+            browser,
+            "return !document.querySelector('#workers-live table').dataset.seen",
+        )
+        .await;
+        (fresh == json!(true))
+            .then_some(())
+            .ok_or(format!("{fresh}"))
+    })
+    .await;
 
     // Logging out leads back to the login page.
     click(browser, ".who button").await;

@@ -298,7 +298,10 @@ fn metrics_count_what_the_runs_did_and_agree_with_the_cli() {
         }
     });
     assert_runs_match_the_cli(&waiting, &sandbox);
-    assert_eq!(waiting.value("butler_runs", &[("status", "scheduled")]), 6.0);
+    assert_eq!(
+        waiting.value("butler_runs", &[("status", "scheduled")]),
+        6.0
+    );
     assert_eq!(
         waiting.value("butler_active_run_tasks", &[("state", "queued")]),
         6.0
@@ -309,7 +312,10 @@ fn metrics_count_what_the_runs_did_and_agree_with_the_cli() {
     assert_eq!(waiting.value("butler_store_up", &[]), 1.0);
     assert_eq!(waiting.value("butler_queue_up", &[]), 1.0);
     assert_eq!(must_get(&queued.base, "/health"), (200, "ok\n".to_owned()));
-    assert_eq!(must_get(&queued.base, "/ready"), (200, "ready\n".to_owned()));
+    assert_eq!(
+        must_get(&queued.base, "/ready"),
+        (200, "ready\n".to_owned())
+    );
     stop(&mut queued.process);
 
     // A server with two slots runs them.
@@ -343,7 +349,11 @@ fn metrics_count_what_the_runs_did_and_agree_with_the_cli() {
     assert_eq!(attempts("succeeded"), 3.0);
     assert_eq!(attempts("failed"), 2.0, "exit 3, retried once");
     assert_eq!(attempts("timed_out"), 2.0, "the sleep, retried once");
-    assert_eq!(attempts("cancelled"), 1.0, "the attempt of the run that timed out");
+    assert_eq!(
+        attempts("cancelled"),
+        1.0,
+        "the attempt of the run that timed out"
+    );
     for outcome in ["failed_to_start", "lost", "interrupted"] {
         assert_eq!(attempts(outcome), 0.0, "{outcome}");
     }
@@ -376,7 +386,10 @@ fn metrics_count_what_the_runs_did_and_agree_with_the_cli() {
         ),
         3.0
     );
-    assert_eq!(done.types.get(durations).map(String::as_str), Some("histogram"));
+    assert_eq!(
+        done.types.get(durations).map(String::as_str),
+        Some("histogram")
+    );
 
     // The engine's store and queue calls were timed.
     for (family, op) in [
@@ -572,9 +585,7 @@ fn json_logs_go_to_a_file_one_object_per_line() {
     let text = fs::read_to_string(&log).expect("the log file exists");
     let lines: Vec<Value> = text
         .lines()
-        .map(|line| {
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
-        })
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
         .collect();
     for line in &lines {
         for field in ["timestamp", "level", "target", "message"] {
@@ -606,7 +617,10 @@ fn json_logs_go_to_a_file_one_object_per_line() {
         .iter()
         .find(|l| l["span"]["path"] == "/nowhere")
         .unwrap_or_else(|| panic!("no /nowhere request in {text}"));
-    assert_eq!((&missing["level"], &missing["status"]), (&json!("INFO"), &json!(404)));
+    assert_eq!(
+        (&missing["level"], &missing["status"]),
+        (&json!("INFO"), &json!(404))
+    );
     assert_eq!(find("HTTP server listening").len(), 1);
     assert_eq!(find("HTTP server stopped").len(), 1);
     // Nothing of the log went to stderr.
@@ -632,7 +646,10 @@ fn a_log_dir_gets_one_file_per_component() {
         fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
     };
     let http = read("http.log");
-    assert!(http.contains("request served") && http.contains("/metrics"), "{http}");
+    assert!(
+        http.contains("request served") && http.contains("/metrics"),
+        "{http}"
+    );
     assert!(http.contains("HTTP server listening"), "{http}");
     let scheduler = read("scheduler.log");
     assert_eq!(
@@ -642,7 +659,10 @@ fn a_log_dir_gets_one_file_per_component() {
     );
     assert!(!scheduler.contains("butler::http"), "{scheduler}");
     for line in http.lines() {
-        assert!(line.contains("butler::http"), "a line of another component: {line}");
+        assert!(
+            line.contains("butler::http"),
+            "a line of another component: {line}"
+        );
     }
     assert!(dir.join("butler.log").exists());
     for file in fs::read_dir(&dir).expect("the log dir") {
@@ -694,7 +714,11 @@ fn bad_log_settings_are_refused_naming_the_variable() {
     sandbox.write("taken", "");
     let outcome = sandbox.run_with_env(&["list-workflows"], &[("BUTLER_LOG_DIR", "taken")]);
     assert_eq!(outcome.code, 1);
-    assert!(outcome.stderr.contains("BUTLER_LOG_DIR=taken"), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("BUTLER_LOG_DIR=taken"),
+        "{}",
+        outcome.stderr
+    );
 }
 
 /// Starts `butler server --listen 127.0.0.1:0 EXTRA…` (with `--slots 2` unless `EXTRA` sets
@@ -811,31 +835,53 @@ fn ready_answers_503_while_the_store_refuses_connections_and_recovers() {
     ))
     .expect("hold the scheduler's lease elsewhere");
     let server = start_server_with_env(&sandbox, "postgres", &["--slots", "0"], &env);
-    assert_eq!(must_get(&server.base, "/ready"), (200, "ready\n".to_owned()));
+    assert_eq!(
+        must_get(&server.base, "/ready"),
+        (200, "ready\n".to_owned())
+    );
     let up = scrape(&server.base);
     assert_eq!(up.value("butler_store_up", &[]), 1.0);
-    assert_eq!(up.value("butler_scheduler_leader", &[]), 1.0, "held elsewhere");
+    assert_eq!(
+        up.value("butler_scheduler_leader", &[]),
+        1.0,
+        "held elsewhere"
+    );
 
     pg.psql(&format!(
         "ALTER ROLE \"{role}\" CONNECTION LIMIT 0; \
          SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
     ))
     .expect("refuse the role's connections");
-    let body = wait_until("/ready to answer 503", || match get(&server.base, "/ready") {
-        Ok((503, body)) => Ok(body),
-        other => Err(format!("{other:?}")),
+    let body = wait_until("/ready to answer 503", || {
+        match get(&server.base, "/ready") {
+            Ok((503, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
     });
-    assert!(body.starts_with("not ready: the store does not answer"), "{body}");
+    assert!(
+        body.starts_with("not ready: the store does not answer"),
+        "{body}"
+    );
     let down = scrape(&server.base);
     assert_eq!(down.value("butler_store_up", &[]), 0.0);
-    assert_eq!(down.value("butler_queue_up", &[]), 0.0, "the queue lives in the store");
-    assert_eq!(must_get(&server.base, "/health").0, 200, "alive all the same");
+    assert_eq!(
+        down.value("butler_queue_up", &[]),
+        0.0,
+        "the queue lives in the store"
+    );
+    assert_eq!(
+        must_get(&server.base, "/health").0,
+        200,
+        "alive all the same"
+    );
 
     pg.psql(&format!("ALTER ROLE \"{role}\" CONNECTION LIMIT -1"))
         .expect("accept the role's connections again");
-    wait_until("/ready to answer 200 again", || match get(&server.base, "/ready") {
-        Ok((200, _)) => Ok(()),
-        other => Err(format!("{other:?}")),
+    wait_until("/ready to answer 200 again", || {
+        match get(&server.base, "/ready") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
     });
     assert_eq!(scrape(&server.base).value("butler_store_up", &[]), 1.0);
     drop(server);

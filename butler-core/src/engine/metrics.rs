@@ -218,7 +218,10 @@ mod tests {
     #[test]
     fn buckets_rise_so_a_recorder_accepts_them() {
         for buckets in [&ATTEMPT_BUCKETS[..], &CALL_BUCKETS, &BATCH_BUCKETS] {
-            assert!(buckets.windows(2).all(|pair| pair[0] < pair[1]), "{buckets:?}");
+            assert!(
+                buckets.windows(2).all(|pair| pair[0] < pair[1]),
+                "{buckets:?}"
+            );
         }
     }
 }

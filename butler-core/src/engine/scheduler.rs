@@ -39,8 +39,9 @@ enum Step {
 
 /// Whether `set` puts a task back for another attempt.
 fn retries(set: &ChangeSet) -> bool {
-    set.iter()
-        .any(|change| matches!(change, Change::Task(task) if task.new.state == TaskState::UpForRetry))
+    set.iter().any(
+        |change| matches!(change, Change::Task(task) if task.new.state == TaskState::UpForRetry),
+    )
 }
 
 /// Why [`Scheduler::drive`] returned.
@@ -385,7 +386,8 @@ impl Scheduler {
                 after,
                 limit: EVENT_PAGE,
             };
-            let events = metrics::store_call("list_events", self.store.list_events(&filter)).await?;
+            let events =
+                metrics::store_call("list_events", self.store.list_events(&filter)).await?;
             let full = events.len() == EVENT_PAGE as usize;
             for event in events {
                 after = event.id;

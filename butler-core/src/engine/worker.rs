@@ -259,9 +259,9 @@ impl Worker {
         let tasks: HashMap<(Id, String), TaskInstance> =
             metrics::store_call("list_tasks", self.store.list_tasks(&run_ids))
                 .await?
-            .into_iter()
-            .map(|t| ((t.run_id, t.task_id.clone()), t))
-            .collect();
+                .into_iter()
+                .map(|t| ((t.run_id, t.task_id.clone()), t))
+                .collect();
 
         let now = Utc::now();
         let lease_until = now + self.options.lease;

@@ -223,7 +223,8 @@ impl Writer {
             conn.busy_timeout(busy)?;
             conn.pragma_update(None, "synchronous", target.synchronous)?;
             conn.pragma_update(None, "foreign_keys", true)?;
-            // Savepoints journal the pages they change; in memory, not in a temporary file.
+            // A statement that may fail halfway journals the pages it changes: in memory, not
+            // in a temporary file.
             conn.pragma_update(None, "temp_store", "MEMORY")?;
             if !target.memory {
                 // The pool switched the file to WAL already; this only confirms it.
@@ -316,15 +317,7 @@ impl Writer {
 
 /// The writer's thread: takes the work waiting, runs it in one transaction, answers.
 fn serve(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Work>>) {
-    // TEMPORARY STATS
-    let started = std::time::Instant::now();
-    let mut groups = 0u64;
-    let mut jobs = 0u64;
-    let mut busy = Duration::ZERO;
-    let mut hist = [0u64; 8];
-    let stats = std::env::var_os("BUTLER_WRITER_STATS").is_some();
     while let Ok(first) = queue.recv() {
-        let t0 = std::time::Instant::now();
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match queue.try_recv() {
@@ -332,17 +325,7 @@ fn serve(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Work>>) {
                 Err(_) => break,
             }
         }
-        groups += 1;
-        jobs += group.len() as u64;
-        hist[group.len().min(7)] += 1;
         run_group(conn, group);
-        busy += t0.elapsed();
-        if stats && groups % 500 == 0 {
-            eprintln!("writer: {groups} groups, {jobs} jobs, busy {busy:?} of {:?}, sizes {hist:?}", started.elapsed());
-        }
-    }
-    if stats {
-        eprintln!("writer end: {groups} groups, {jobs} jobs, busy {busy:?} of {:?}, sizes {hist:?}", started.elapsed());
     }
 }
 
@@ -410,5 +393,95 @@ fn rollback(conn: &Connection) {
     if !conn.is_autocommit() {
         // A failed rollback leaves SQLite to roll back when the connection next begins.
         let _ = conn.execute_batch("ROLLBACK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer on a new file with a table `t (v TEXT UNIQUE)`.
+    fn writer(dir: &tempfile::TempDir) -> Arc<Writer> {
+        let path = dir.path().join("w.db");
+        let conn = Connection::open(&path).expect("create");
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (v TEXT UNIQUE)")
+            .expect("schema");
+        drop(conn);
+        let target = Target {
+            path: path.to_string_lossy().into_owned(),
+            memory: false,
+            synchronous: 1,
+            busy_timeout_ms: 1000,
+        };
+        Writer::open(target, "the test database").expect("open")
+    }
+
+    fn insert(v: &'static str) -> impl Fn(&Connection) -> Result<usize> + Send + 'static {
+        move |conn| {
+            conn.execute("INSERT INTO t (v) VALUES (?1)", [v])
+                .map_err(|e| sqlite_error("the test database", "insert", &e))
+        }
+    }
+
+    fn rows(writer: &Writer, dir: &tempfile::TempDir) -> Vec<String> {
+        let _ = writer;
+        let conn = Connection::open(dir.path().join("w.db")).expect("open");
+        let mut statement = conn.prepare("SELECT v FROM t ORDER BY v").expect("select");
+        statement
+            .query_map([], |row| row.get(0))
+            .expect("rows")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_sent_together_commits_together_and_a_failure_undoes_only_its_own() {
+        let dir = tempfile::tempdir().expect("dir");
+        let writer = writer(&dir);
+        // The first piece holds the thread, so the next three wait and run as one group.
+        let hold = writer.run("hold".into(), |conn| {
+            std::thread::sleep(Duration::from_millis(200));
+            insert("a")(conn)
+        });
+        let later = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::join!(
+                writer.run("b".into(), insert("b")),
+                // Fails on the UNIQUE constraint after writing its first row.
+                writer.run("c".into(), |conn| {
+                    insert("c")(conn)?;
+                    insert("b")(conn)
+                }),
+                writer.run("d".into(), insert("d")),
+            )
+        };
+        let (held, (b, c, d)) = tokio::join!(hold, later);
+        assert_eq!(held.expect("a"), 1);
+        assert_eq!(b.expect("b"), 1);
+        let err = c.expect_err("c repeats b");
+        assert!(err.to_string().contains("insert"), "{err}");
+        assert!(
+            !err.is_retryable(),
+            "a constraint is not worth retrying: {err:?}"
+        );
+        assert_eq!(d.expect("d"), 1);
+        assert_eq!(
+            rows(&writer, &dir),
+            ["a", "b", "d"],
+            "the failed piece's first row is gone, the others' rows are in"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_writer_refuses_work_as_unavailable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let writer = writer(&dir);
+        writer.close();
+        let err = writer
+            .run("insert".into(), insert("x"))
+            .await
+            .expect_err("closed");
+        assert!(err.is_retryable(), "{err:?}");
+        assert!(rows(&writer, &dir).is_empty());
     }
 }

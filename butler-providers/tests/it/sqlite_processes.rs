@@ -254,3 +254,57 @@ async fn processes_share_one_file_without_losing_a_write() {
         "every message was acked"
     );
 }
+
+#[tokio::test]
+async fn hot_writes_blocked_past_the_busy_timeout_are_unavailable_and_change_nothing() {
+    let db = TempDb::new();
+    let holder = db.open().await;
+    let mut config = SqliteConfig::new(&db.path);
+    config.busy_timeout_ms = 100;
+    let waiter = SqliteStore::open(&config).await.expect("open");
+    let queue = SqliteQueue::new(waiter.pool().clone());
+
+    // Another connection (as another process would) holds the write lock.
+    let tx = holder
+        .pool()
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .expect("hold the write lock");
+    let started = Instant::now();
+    let err = queue
+        .enqueue(QUEUE, vec![NewMessage::new("blocked")])
+        .await
+        .expect_err("the write lock is held");
+    assert!(started.elapsed() >= Duration::from_millis(90), "it waited");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        err.to_string().contains(&db.path.display().to_string()),
+        "names the database: {err}"
+    );
+    let pending = TaskInstance::pending(1, "a");
+    let err = waiter
+        .apply(vec![vec![Change::Task(TaskChange {
+            expect: TaskExpect::of(&pending),
+            new: TaskInstance {
+                state: TaskState::Queued,
+                ..pending.clone()
+            },
+            by: "test".into(),
+            reason: "blocked".into(),
+        })]])
+        .await
+        .expect_err("the write lock is held");
+    assert!(err.is_retryable(), "{err:?}");
+    drop(tx);
+
+    assert_eq!(
+        queue.depth(QUEUE).await.expect("depth").ready,
+        0,
+        "nothing was written"
+    );
+    queue
+        .enqueue(QUEUE, vec![NewMessage::new("free")])
+        .await
+        .expect("the write succeeds once the lock is free");
+    assert_eq!(queue.depth(QUEUE).await.expect("depth").ready, 1);
+}

@@ -9,6 +9,7 @@ use butler_core::config::Config;
 use butler_core::model::{Id, RunFilter, RunStatus};
 use serde::Serialize;
 use serde_json::Value;
+use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::dag::{self, Dag, NodeInfo};
@@ -80,23 +81,30 @@ async fn load_analyses(state: &AppState) -> Result<Value, PageError> {
     let mut analyses = state.store.list_analyses().await?;
     analyses.reverse();
     let configs = configs(state, analyses.iter().map(|a| a.config_id)).await?;
-    let mut rows = Vec::with_capacity(analyses.len());
-    for analysis in analyses {
-        let filter = RunFilter {
-            analysis_id: Some(analysis.id),
-            ..RunFilter::default()
-        };
-        let runs_href = format!("/?analysis={}", analysis.id);
-        rows.push(AnalysisRow {
+    let filters = analyses
+        .iter()
+        .map(|analysis| {
+            let filter = RunFilter {
+                analysis_id: Some(analysis.id),
+                ..RunFilter::default()
+            };
+            (filter, format!("/?analysis={}", analysis.id))
+        })
+        .collect();
+    let counts = counts(state, filters).await?;
+    let rows: Vec<AnalysisRow> = analyses
+        .into_iter()
+        .zip(counts)
+        .map(|(analysis, counts)| AnalysisRow {
             id: analysis.id,
+            runs_href: format!("/?analysis={}", analysis.id),
+            config: pretty(configs.get(&analysis.config_id)),
             name: analysis.name,
             start_date: analysis.start_date.to_string(),
             created: Time::new(analysis.created_at),
-            counts: counts(state, &filter, &runs_href).await?,
-            runs_href,
-            config: pretty(configs.get(&analysis.config_id)),
-        });
-    }
+            counts,
+        })
+        .collect();
     Ok(serde_json::json!({ "analyses": rows }))
 }
 
@@ -104,12 +112,19 @@ async fn load_workflows(state: &AppState) -> Result<Value, PageError> {
     let mut workflows = state.store.list_workflows().await?;
     workflows.reverse();
     let configs = configs(state, workflows.iter().map(|w| w.config_id)).await?;
+    let filters = workflows
+        .iter()
+        .map(|workflow| {
+            let filter = RunFilter {
+                workflow_id: Some(workflow.id),
+                ..RunFilter::default()
+            };
+            (filter, format!("/?workflow={}", workflow.id))
+        })
+        .collect();
+    let counts = counts(state, filters).await?;
     let mut rows = Vec::with_capacity(workflows.len());
-    for workflow in workflows {
-        let filter = RunFilter {
-            workflow_id: Some(workflow.id),
-            ..RunFilter::default()
-        };
+    for (workflow, counts) in workflows.into_iter().zip(counts) {
         let runs_href = format!("/?workflow={}", workflow.id);
         let definition = &workflow.definition;
         let tasks = definition
@@ -138,7 +153,7 @@ async fn load_workflows(state: &AppState) -> Result<Value, PageError> {
             name: workflow.name.clone(),
             version: workflow.version.clone(),
             created: Time::new(workflow.created_at),
-            counts: counts(state, &filter, &runs_href).await?,
+            counts,
             runs_href,
             tasks,
             settings: settings(
@@ -152,16 +167,41 @@ async fn load_workflows(state: &AppState) -> Result<Value, PageError> {
     Ok(serde_json::json!({ "workflows": rows }))
 }
 
-async fn counts(state: &AppState, filter: &RunFilter, href: &str) -> Result<Counts, PageError> {
-    let counts: BTreeMap<RunStatus, u64> = state.store.count_runs(filter).await?;
-    Ok(Counts {
-        total: counts.values().sum(),
-        chips: counts
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(status, n)| (status.as_str(), n, format!("{href}&status={status}")))
-            .collect(),
-    })
+/// The runs of each filter by status, each chip linking to `href&status=…`; the counts are
+/// read at the same time, as a page may list hundreds of analyses.
+async fn counts(
+    state: &AppState,
+    filters: Vec<(RunFilter, String)>,
+) -> Result<Vec<Counts>, PageError> {
+    let mut reads = JoinSet::new();
+    for (index, (filter, href)) in filters.into_iter().enumerate() {
+        let store = state.store.clone();
+        reads.spawn(async move {
+            let counts: BTreeMap<RunStatus, u64> = store.count_runs(&filter).await?;
+            let counts = Counts {
+                total: counts.values().sum(),
+                chips: counts
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(status, n)| (status.as_str(), n, format!("{href}&status={status}")))
+                    .collect(),
+            };
+            Ok::<_, butler_core::Error>((index, counts))
+        });
+    }
+    let mut all = Vec::with_capacity(reads.len());
+    while let Some(read) = reads.join_next().await {
+        match read {
+            Ok(counted) => all.push(counted?),
+            Err(panic) => {
+                return Err(PageError::internal(format!(
+                    "counting runs failed: {panic}"
+                )));
+            }
+        }
+    }
+    all.sort_by_key(|(index, _)| *index);
+    Ok(all.into_iter().map(|(_, counts)| counts).collect())
 }
 
 async fn configs(

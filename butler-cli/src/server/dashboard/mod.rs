@@ -174,6 +174,14 @@ impl PageError {
         }
     }
 
+    /// 500: the server failed.
+    pub fn internal(message: impl Into<String>) -> Self {
+        PageError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+        }
+    }
+
     fn title(&self) -> &'static str {
         match self.status {
             StatusCode::NOT_FOUND => "Not found",

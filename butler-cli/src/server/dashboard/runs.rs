@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use axum::Extension;
 use axum::extract::{Query, State};
 use axum::response::Response;
-use butler_core::Kind;
 use butler_core::model::{AnalysisRun, Id, RunFilter, RunStatus};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -22,10 +21,6 @@ use crate::server::state::AppState;
 const PAGE: u32 = 50;
 /// The most runs one page shows.
 const MAX_PAGE: u32 = 500;
-/// Stores with at most this many runs get their counts in the page itself. Counting reads
-/// every run of the filter (about 150 ms per million), so bigger stores get the page at once
-/// and the counts a moment later from the script, through `/api/runs/counts`.
-const INLINE_COUNTS_UP_TO: Id = 100_000;
 
 /// The query of `/`; every part is optional and an empty one counts as left out.
 #[derive(Debug, Default, Deserialize)]
@@ -89,8 +84,7 @@ struct Choice {
 #[derive(Debug, Serialize)]
 struct Chip {
     status: &'static str,
-    /// `None` while the script has yet to fetch it.
-    count: Option<u64>,
+    count: u64,
     href: String,
     active: bool,
 }
@@ -118,7 +112,7 @@ struct RunsPage {
     analyses: Vec<Choice>,
     statuses: Vec<(&'static str, bool)>,
     chips: Vec<Chip>,
-    total: Option<u64>,
+    total: u64,
     all_href: String,
     all_active: bool,
     rows: Vec<RunRow>,
@@ -165,38 +159,14 @@ async fn load(state: &AppState, query: RunsQuery) -> Result<RunsPage, PageError>
     };
 
     let store = &state.store;
-    let workflows = store.list_workflows().await?;
-    let analyses = store.list_analyses().await?;
-    if let Some(id) = filters.workflow
-        && !workflows.iter().any(|w| w.id == id)
-    {
-        return Err(butler_core::Error::not_found(Kind::Workflow, id).into());
-    }
-    if let Some(id) = filters.analysis
-        && !analyses.iter().any(|a| a.id == id)
-    {
-        return Err(butler_core::Error::not_found(Kind::Analysis, id).into());
-    }
-    // Ids grow with every run, so the newest id bounds how many runs there are.
-    let newest_id = store
-        .list_runs(&RunFilter {
-            limit: Some(1),
-            newest_first: true,
-            ..RunFilter::default()
-        })
-        .await?
-        .first()
-        .map_or(0, |run| run.id);
-    let mut counts = if newest_id <= INLINE_COUNTS_UP_TO {
-        let filter = RunFilter {
+    // The store keeps counts per status, so this reads a few rows however many runs there are.
+    let mut counts = store
+        .count_runs(&RunFilter {
             workflow_id: filters.workflow,
             analysis_id: filters.analysis,
             ..RunFilter::default()
-        };
-        Some(store.count_runs(&filter).await?)
-    } else {
-        None
-    };
+        })
+        .await?;
     let mut filter = RunFilter {
         workflow_id: filters.workflow,
         analysis_id: filters.analysis,
@@ -222,6 +192,8 @@ async fn load(state: &AppState, query: RunsQuery) -> Result<RunsPage, PageError>
         (runs, more, after.is_some())
     };
 
+    let workflows = store.list_workflows().await?;
+    let analyses = store.list_analyses().await?;
     let workflow_names: BTreeMap<Id, String> = workflows
         .iter()
         .map(|w| (w.id, format!("{} {}", w.name, w.version)))
@@ -252,12 +224,12 @@ async fn load(state: &AppState, query: RunsQuery) -> Result<RunsPage, PageError>
         .flatten();
     let newest = (after.is_some() || before.is_some()).then(|| filters.href(&page_size));
 
-    let total = counts.as_ref().map(|c| c.values().sum());
+    let total = counts.values().sum();
     let chips = RunStatus::ALL
         .into_iter()
         .map(|status| Chip {
             status: status.as_str(),
-            count: counts.as_mut().map(|c| c.remove(&status).unwrap_or(0)),
+            count: counts.remove(&status).unwrap_or(0),
             href: filters.with_status(Some(status)).href(&page_size),
             active: filters.status == Some(status),
         })
@@ -269,7 +241,6 @@ async fn load(state: &AppState, query: RunsQuery) -> Result<RunsPage, PageError>
         "after": after,
         // Rows of a page of newer runs are left as they are; counts still refresh.
         "rows": before.is_none(),
-        "counts_pending": total.is_none(),
         "limit": limit,
         "workflows": workflow_names,
         "analyses": analysis_names,

@@ -186,8 +186,6 @@
       body.replaceChildren.apply(body, rows);
     }
 
-    // A big store's page comes without its counts: fetch them at once.
-    if (live.counts_pending) getJSON(countsUrl).then(updateCounts).catch(function () {});
     poll(function () {
       var counts = getJSON(countsUrl).then(updateCounts);
       var rows = live.rows ? getJSON(runsUrl).then(updateRows) : null;
