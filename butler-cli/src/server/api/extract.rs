@@ -124,8 +124,8 @@ async fn read_json_body<S: Send + Sync>(request: Request, state: &S) -> Result<B
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
                     format!(
-                        "the request body is too large ({}); split the request, e.g. launch the \
-                     runs in several batches",
+                        "the request body is too large ({}): a request may send 2 MiB, a \
+                         launch 64 MiB; launch the runs in several batches",
                         cause(&rejection)
                     ),
                 )
