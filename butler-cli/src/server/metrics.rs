@@ -1,23 +1,22 @@
 //! `/metrics` in Prometheus' text format (version 0.0.4): what this process's engine counted
 //! (task attempts by outcome, retries, runs finished, store and queue call latencies; see
-//! [`butler_core::engine::metrics`]) followed by what the store and the queue say at the
-//! moment of the scrape (runs by status, tasks of unfinished runs by state, queue depths,
-//! workers and their heartbeats, the scheduler's lease, free disk space in `BUTLER_HOME`).
+//! [`butler_core::engine::metrics`]) followed by what the store and the queue say at the time
+//! of the scrape (runs by status, tasks of unfinished runs by state, queue depths, workers and
+//! their heartbeats, the scheduler's lease, free disk space in `BUTLER_HOME`).
 //!
 //! The engine records through the `metrics` facade into the Prometheus recorder installed by
-//! [`routes`]; the scrape-time values are read from the store on each request and written here
-//! directly, so a value that is gone from the store (a worker removed from the list) is gone
-//! from the next scrape too, rather than lingering as a stale series.
+//! [`routes`]. The store's values are read when scraped (at most once per [`SNAPSHOT_TTL`])
+//! and written here directly, so a value that is gone from the store (a worker removed from
+//! the list) is gone from the next scrape too, rather than lingering as a stale series.
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::header;
-use axum::response::IntoResponse;
 use axum::routing::get;
 use butler_core::engine::{self, SCHEDULER_ROLE, metrics as names};
 use butler_core::model::{RunFilter, RunStatus, TaskState};
@@ -31,25 +30,55 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// How often recorded histogram samples are folded into their buckets between scrapes, so
 /// they do not pile up in memory when nothing scrapes.
 const UPKEEP: Duration = Duration::from_secs(5);
+/// How long the store's numbers are reused by later scrapes.
+pub const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
 
 /// The `/metrics` route; installs this process's metrics recorder on first use, so build the
 /// router before starting the engine whose numbers it is to export.
 pub fn routes() -> Router<AppState> {
     recorder();
-    Router::new().route("/metrics", get(scrape))
+    let cache = Arc::new(SnapshotCache::default());
+    Router::new().route(
+        "/metrics",
+        get(move |State(state): State<AppState>| async move {
+            let page = render(&state, &cache).await;
+            ([(header::CONTENT_TYPE, CONTENT_TYPE)], page)
+        }),
+    )
 }
 
-async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&state).await)
-}
-
-/// The whole `/metrics` page.
-pub async fn render(state: &AppState) -> String {
+/// The whole `/metrics` page: the engine's numbers as of now, the store's as of at most
+/// [`SNAPSHOT_TTL`] ago.
+async fn render(state: &AppState, cache: &SnapshotCache) -> String {
     let mut page = recorder().render();
-    let collected = Instant::now();
-    let now_values = collect(state).await;
-    now_values.write(&mut page, collected.elapsed());
+    cache.get(state).await.write(&mut page);
     page
+}
+
+/// The last snapshot of the store's numbers, shared by the scrapes of one [`SNAPSHOT_TTL`].
+///
+/// `/metrics` needs no token, and reading the store's numbers costs a few index scans (tens of
+/// milliseconds with a million runs): whatever the rate of requests, the store is read at most
+/// once per [`SNAPSHOT_TTL`], and concurrent scrapes wait for the one reading rather than read
+/// too.
+#[derive(Default)]
+struct SnapshotCache {
+    last: tokio::sync::Mutex<Option<(Instant, Arc<Snapshot>)>>,
+}
+
+impl SnapshotCache {
+    async fn get(&self, state: &AppState) -> Arc<Snapshot> {
+        let mut last = self.last.lock().await;
+        if let Some((taken, snapshot)) = last.as_ref()
+            && taken.elapsed() < SNAPSHOT_TTL
+        {
+            return snapshot.clone();
+        }
+        let started = Instant::now();
+        let snapshot = Arc::new(collect(state, started).await);
+        *last = Some((started, snapshot.clone()));
+        snapshot
+    }
 }
 
 /// This process's recorder: installed globally the first time, so that the engine records
@@ -108,6 +137,8 @@ struct Snapshot {
     lost_after: Duration,
     scheduler_leads: Option<bool>,
     disk: Option<(u64, u64)>,
+    /// How long reading the store and the queue took.
+    took: Duration,
 }
 
 struct WorkerLine {
@@ -119,8 +150,8 @@ struct WorkerLine {
     lost: bool,
 }
 
-/// Asks the store and the queue, all at once.
-async fn collect(state: &AppState) -> Snapshot {
+/// Asks the store and the queue, all at once; `started` is when the scrape began.
+async fn collect(state: &AppState, started: Instant) -> Snapshot {
     let python_queue = engine::python_queue(&state.queue_name);
     let all_runs = RunFilter::default();
     let (runs, tasks, depth, python_depth, workers, leader) = tokio::join!(
@@ -191,6 +222,7 @@ async fn collect(state: &AppState) -> Snapshot {
         lost_after: state.lost_after,
         scheduler_leads,
         disk: disk_space(&state.home),
+        took: started.elapsed(),
     }
 }
 
@@ -212,7 +244,7 @@ fn disk_space(home: &Path) -> Option<(u64, u64)> {
 }
 
 impl Snapshot {
-    fn write(&self, page: &mut String, took: Duration) {
+    fn write(&self, page: &mut String) {
         let mut out = Page(page);
         out.family(
             "butler_build_info",
@@ -368,7 +400,11 @@ impl Snapshot {
             "gauge",
             "How long this scrape took to read the store and the queue.",
         );
-        out.sample("butler_metrics_collect_seconds", &[], took.as_secs_f64());
+        out.sample(
+            "butler_metrics_collect_seconds",
+            &[],
+            self.took.as_secs_f64(),
+        );
     }
 }
 

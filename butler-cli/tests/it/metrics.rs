@@ -330,11 +330,14 @@ fn metrics_count_what_the_runs_did_and_agree_with_the_cli() {
     });
     let done = wait_until("the server to see every run finish", || {
         let scrape = scrape(&server.base);
+        // The store's numbers may be up to a second old: wait for both to agree.
         let finished = scrape.sum("butler_runs_finished_total", &[]);
-        if finished == 6.0 {
+        let stored = scrape.value("butler_runs", &[("status", "completed")])
+            + scrape.value("butler_runs", &[("status", "error")]);
+        if finished == 6.0 && stored == 6.0 {
             Ok(scrape)
         } else {
-            Err(format!("{finished} runs finished"))
+            Err(format!("{finished} runs finished, {stored} in the store"))
         }
     });
 
@@ -862,8 +865,13 @@ fn ready_answers_503_while_the_store_refuses_connections_and_recovers() {
         body.starts_with("not ready: the store does not answer"),
         "{body}"
     );
-    let down = scrape(&server.base);
-    assert_eq!(down.value("butler_store_up", &[]), 0.0);
+    let down = wait_until("/metrics to report the store down", || {
+        let scrape = scrape(&server.base);
+        match scrape.value("butler_store_up", &[]) {
+            0.0 => Ok(scrape),
+            up => Err(format!("butler_store_up {up}")),
+        }
+    });
     assert_eq!(
         down.value("butler_queue_up", &[]),
         0.0,
@@ -883,6 +891,11 @@ fn ready_answers_503_while_the_store_refuses_connections_and_recovers() {
             other => Err(format!("{other:?}")),
         }
     });
-    assert_eq!(scrape(&server.base).value("butler_store_up", &[]), 1.0);
+    wait_until("/metrics to report the store up", || {
+        match scrape(&server.base).value("butler_store_up", &[]) {
+            1.0 => Ok(()),
+            up => Err(format!("butler_store_up {up}")),
+        }
+    });
     drop(server);
 }

@@ -188,7 +188,10 @@ async fn a_dead_consumers_leases_go_to_another() {
                 .dequeue("work", 10, LONG, Duration::ZERO)
                 .await
                 .expect("dequeue");
-            assert!(late.is_empty(), "the exhausted one is never delivered: {late:?}");
+            assert!(
+                late.is_empty(),
+                "the exhausted one is never delivered: {late:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
