@@ -120,6 +120,9 @@ pub(crate) struct Writer {
     target: Target,
     location: Arc<str>,
     jobs: Mutex<Option<mpsc::Sender<Box<dyn Work>>>>,
+    /// The process that started the thread: a forked child inherits the registry but not
+    /// the thread, so it must open its own writer.
+    pid: u32,
 }
 
 impl fmt::Debug for Writer {
@@ -192,7 +195,11 @@ impl Writer {
         .map_err(|e| Error::backend(format!("cannot open {location} for writing"), e))??;
         let mut writers = registry().lock().unwrap_or_else(|e| e.into_inner());
         // Another caller may have opened one meanwhile: keep the first.
-        if let Some(writer) = writers.get(&target).and_then(Weak::upgrade) {
+        if let Some(writer) = writers
+            .get(&target)
+            .and_then(Weak::upgrade)
+            .filter(|w| w.pid == std::process::id())
+        {
             return Ok(writer);
         }
         writers.retain(|_, w| w.strong_count() > 0);
@@ -202,7 +209,10 @@ impl Writer {
 
     fn registered(target: &Target) -> Option<Arc<Writer>> {
         let writers = registry().lock().unwrap_or_else(|e| e.into_inner());
-        writers.get(target).and_then(Weak::upgrade)
+        writers
+            .get(target)
+            .and_then(Weak::upgrade)
+            .filter(|w| w.pid == std::process::id())
     }
 
     /// Opens the connection and starts its thread.
@@ -249,6 +259,7 @@ impl Writer {
             target,
             location: location.into(),
             jobs: Mutex::new(Some(jobs)),
+            pid: std::process::id(),
         }))
     }
 
