@@ -217,15 +217,13 @@ impl Tracker {
     /// Puts finished run `run_id` back to `ready` so the scheduler runs it again: the tasks
     /// that did not succeed, or with [`ResetScope::All`] every task.
     pub async fn reset_run(&self, run_id: Id, scope: ResetScope) -> Result<()> {
-        self.change_run(run_id, |run, tasks| control::reset(run, tasks, scope, USER))
-            .await
+        self.reset_run_by(run_id, scope, USER).await
     }
 
     /// Cancels unfinished run `run_id`: its waiting tasks will not start and its running
     /// attempts are killed at their next heartbeat.
     pub async fn cancel_run(&self, run_id: Id) -> Result<()> {
-        self.change_run(run_id, |run, tasks| control::cancel(run, tasks, USER))
-            .await
+        self.cancel_run_by(run_id, USER).await
     }
 
     /// [`Tracker::reset_run`] recorded in the event log as made by `by` (e.g. `api`).
@@ -261,15 +259,7 @@ impl Tracker {
 
     /// How many runs of analysis `analysis_id` are in each state; every state is present.
     pub async fn run_counts(&self, analysis_id: Id) -> Result<BTreeMap<RunStatus, u64>> {
-        let filter = RunFilter {
-            analysis_id: Some(analysis_id),
-            ..RunFilter::default()
-        };
-        let mut counts = self.store.count_runs(&filter).await?;
-        for status in RunStatus::ALL {
-            counts.entry(status).or_insert(0);
-        }
-        Ok(counts)
+        self.count_runs(None, Some(analysis_id)).await
     }
 
     /// How many runs of workflow `workflow_id` and analysis `analysis_id` (each optional; all
