@@ -1,7 +1,7 @@
 //! `server`: answer times of `butler server` over HTTP with a big store, measured with `wrk`
 //! on loopback beside the answer time of `/health` (the HTTP stack alone) in the same run.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -81,8 +81,82 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Figure>> {
             "requests/s",
         ));
     }
+    let spaced = spaced_scrapes(&server.base)?;
+    let label = format!("{total} runs, {} active", total as i64 / ACTIVE_EVERY);
+    let floor_p50 = floor.map_or(0.0, |(p50, _)| p50);
+    let every = format!("/metrics, one scrape every {COLD_GAP:?}, {label}");
+    figures.push(
+        Figure::new(
+            "server",
+            format!("{every}: p50"),
+            spaced.answer_p50_ms,
+            "ms",
+        )
+        .limit(floor_p50, "/health p50"),
+    );
+    figures.push(Figure::new(
+        "server",
+        format!("{every}: max"),
+        spaced.answer_max_ms,
+        "ms",
+    ));
+    figures.push(Figure::new(
+        "server",
+        format!("/metrics: the server's reading of the store behind it, {label}: p50"),
+        spaced.reading_p50_ms,
+        "ms",
+    ));
     server.stop();
     Ok(figures)
+}
+
+/// How many scrapes [`spaced_scrapes`] times, and how far apart: further than the server reads
+/// the store, as a Prometheus server scrapes (every 15 s by default).
+const COLD_SCRAPES: usize = 10;
+const COLD_GAP: Duration = Duration::from_millis(1100);
+
+/// What [`spaced_scrapes`] measured, in milliseconds.
+struct Spaced {
+    answer_p50_ms: f64,
+    answer_max_ms: f64,
+    /// `butler_metrics_collect_seconds`: how long the server's reading of the store took.
+    reading_p50_ms: f64,
+}
+
+/// Times [`COLD_SCRAPES`] requests of `/metrics`, one every [`COLD_GAP`], each on a new
+/// connection.
+fn spaced_scrapes(base: &str) -> anyhow::Result<Spaced> {
+    let address = base.trim_start_matches("http://");
+    let mut took = Vec::with_capacity(COLD_SCRAPES);
+    let mut readings = Vec::with_capacity(COLD_SCRAPES);
+    for _ in 0..COLD_SCRAPES {
+        std::thread::sleep(COLD_GAP);
+        let begin = std::time::Instant::now();
+        let mut stream = std::net::TcpStream::connect(address)?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        took.push(begin.elapsed().as_secs_f64() * 1000.0);
+        if !answer.starts_with("HTTP/1.1 200") || !answer.contains("butler_runs") {
+            bail!("/metrics did not answer 200 with the run counts:\n{answer:.400}");
+        }
+        let reading = answer
+            .lines()
+            .find_map(|line| line.strip_prefix("butler_metrics_collect_seconds "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .context("no butler_metrics_collect_seconds on /metrics")?;
+        readings.push(reading * 1000.0);
+    }
+    took.sort_by(f64::total_cmp);
+    readings.sort_by(f64::total_cmp);
+    Ok(Spaced {
+        answer_p50_ms: took[COLD_SCRAPES / 2],
+        answer_max_ms: took[COLD_SCRAPES - 1],
+        reading_p50_ms: readings[COLD_SCRAPES / 2],
+    })
 }
 
 /// The `butler` binary beside this one (build both with `cargo build --release -p butler-cli

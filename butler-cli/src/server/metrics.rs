@@ -5,7 +5,7 @@
 //! their heartbeats, the scheduler's lease, free disk space in `BUTLER_HOME`).
 //!
 //! The engine records through the `metrics` facade into the Prometheus recorder installed by
-//! [`routes`]. The store's values are read when scraped (at most once per [`SNAPSHOT_TTL`])
+//! [`routes`]. The store's values are read ahead of the scrapes, once per [`SNAPSHOT_TTL`]
 //! and written here directly, so a value that is gone from the store (a worker removed from
 //! the list) is gone from the next scrape too, rather than lingering as a stale series.
 
@@ -55,30 +55,80 @@ async fn render(state: &AppState, cache: &SnapshotCache) -> String {
     page
 }
 
-/// The last snapshot of the store's numbers, shared by the scrapes of one [`SNAPSHOT_TTL`].
+/// The store's numbers, read ahead of the scrapes that want them.
 ///
 /// `/metrics` needs no token, and reading the store's numbers costs a few index scans (tens of
-/// milliseconds with a million runs): whatever the rate of requests, the store is read at most
-/// once per [`SNAPSHOT_TTL`], and concurrent scrapes wait for the one reading rather than read
-/// too.
+/// milliseconds with ten thousand active runs, as many as the tasks of those runs): the first
+/// scrape starts a reader that reads them every [`SNAPSHOT_TTL`] for as long as scrapes keep
+/// coming (until none came for [`IDLE_AFTER`]), and a scrape answers with the last reading at
+/// once. So a scrape costs microseconds whatever the store's size, the numbers are at most
+/// [`SNAPSHOT_TTL`] plus one reading old (`butler_metrics_age_seconds` says by how much), and
+/// the store is read once per [`SNAPSHOT_TTL`] whatever the rate of requests.
 #[derive(Default)]
 struct SnapshotCache {
-    last: tokio::sync::Mutex<Option<(Instant, Arc<Snapshot>)>>,
+    latest: std::sync::Mutex<Option<tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>>>,
+    /// When the last scrape came, for the reader to know when to stop.
+    last_scrape: Arc<std::sync::Mutex<Option<Instant>>>,
 }
+
+/// How long the reader keeps reading after the last scrape.
+const IDLE_AFTER: Duration = Duration::from_secs(60);
 
 impl SnapshotCache {
     async fn get(&self, state: &AppState) -> Arc<Snapshot> {
-        let mut last = self.last.lock().await;
-        if let Some((taken, snapshot)) = last.as_ref()
-            && taken.elapsed() < SNAPSHOT_TTL
-        {
-            return snapshot.clone();
+        *lock(&self.last_scrape) = Some(Instant::now());
+        let mut latest = {
+            let mut slot = lock(&self.latest);
+            match slot.as_ref() {
+                // A reader that has stopped dropped its sender: start another.
+                Some(latest) if latest.has_changed().is_ok() => latest.clone(),
+                _ => {
+                    let started = self.start_reader(state.clone());
+                    *slot = Some(started.clone());
+                    started
+                }
+            }
+        };
+        // Wait for a reading no older than two periods: the first one, or one past a store
+        // that took longer than a period to answer.
+        let fresh = |s: &Option<Arc<Snapshot>>| {
+            s.as_ref()
+                .is_some_and(|s| s.taken.elapsed() < 2 * SNAPSHOT_TTL + s.took)
+        };
+        let waited = latest.wait_for(fresh).await.ok().and_then(|s| s.clone());
+        match waited {
+            Some(snapshot) => snapshot,
+            // The reader stopped between the check and the wait (the idle timeout just
+            // passed): read once here.
+            None => Arc::new(collect(state, Instant::now()).await),
         }
-        let started = Instant::now();
-        let snapshot = Arc::new(collect(state, started).await);
-        *last = Some((started, snapshot.clone()));
-        snapshot
     }
+
+    /// Starts the reader; it stops when no scrape came for [`IDLE_AFTER`].
+    fn start_reader(&self, state: AppState) -> tokio::sync::watch::Receiver<Option<Arc<Snapshot>>> {
+        let (sender, receiver) = tokio::sync::watch::channel(None);
+        let last_scrape = Arc::clone(&self.last_scrape);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SNAPSHOT_TTL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let idle = lock(&last_scrape).is_none_or(|at| at.elapsed() > IDLE_AFTER);
+                if idle {
+                    break;
+                }
+                let snapshot = collect(&state, Instant::now()).await;
+                sender.send_replace(Some(Arc::new(snapshot)));
+            }
+        });
+        receiver
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// This process's recorder: installed globally the first time, so that the engine records
@@ -137,6 +187,8 @@ struct Snapshot {
     lost_after: Duration,
     scheduler_leads: Option<bool>,
     disk: Option<(u64, u64)>,
+    /// When the reading began.
+    taken: Instant,
     /// How long reading the store and the queue took.
     took: Duration,
 }
@@ -222,6 +274,7 @@ async fn collect(state: &AppState, started: Instant) -> Snapshot {
         lost_after: state.lost_after,
         scheduler_leads,
         disk: disk_space(&state.home),
+        taken: started,
         took: started.elapsed(),
     }
 }
@@ -398,12 +451,22 @@ impl Snapshot {
         out.family(
             "butler_metrics_collect_seconds",
             "gauge",
-            "How long this scrape took to read the store and the queue.",
+            "How long the last reading of the store and the queue took.",
         );
         out.sample(
             "butler_metrics_collect_seconds",
             &[],
             self.took.as_secs_f64(),
+        );
+        out.family(
+            "butler_metrics_age_seconds",
+            "gauge",
+            "How long ago the store's and the queue's numbers on this page were read.",
+        );
+        out.sample(
+            "butler_metrics_age_seconds",
+            &[],
+            self.taken.elapsed().as_secs_f64(),
         );
     }
 }
