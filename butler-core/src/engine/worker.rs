@@ -2,12 +2,12 @@
 //! leases alive, and records each outcome with the attempt's fencing token.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -66,7 +66,7 @@ fn lock_names() -> std::sync::MutexGuard<'static, BTreeSet<String>> {
 }
 
 /// Attempts a worker takes at once when they are short: enough to fill a group commit.
-const MAX_PREFETCH_PER_SLOT: usize = 64;
+const MAX_PREFETCH_PER_SLOT: usize = 256;
 /// Effective configs a worker keeps, so the tasks of one run read it once.
 const CONFIG_CACHE: usize = 4096;
 /// Prefetch aims to keep one batch of attempts under this long.
@@ -95,6 +95,10 @@ pub(crate) struct Worker {
     mean_micros: AtomicU64,
     /// The worker slots; a permit is held while an attempt runs.
     slots: Arc<Semaphore>,
+    /// Attempts claimed and waiting for a slot.
+    waiting: AtomicUsize,
+    /// Wakes the taking loop when a slot frees or a waiting attempt takes one.
+    moved: Notify,
 }
 
 impl Worker {
@@ -122,6 +126,8 @@ impl Worker {
             configs: Mutex::new(HashMap::new()),
             mean_micros: AtomicU64::new(PREFETCH_HORIZON.as_micros() as u64),
             slots,
+            waiting: AtomicUsize::new(0),
+            moved: Notify::new(),
         }
     }
 
@@ -201,14 +207,15 @@ impl Worker {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
         let slots = self.slots.clone();
         loop {
-            if slots.available_permits() == 0 {
+            // Registered before looking, so that a change after the look still wakes it.
+            let moved = self.moved.notified();
+            let Some(want) = self.want() else {
                 tokio::select! {
-                    permit = slots.clone().acquire_owned() => drop(permit),
-                    _ = shutdown.cancelled() => return Ok(()),
+                    () = moved => {}
+                    () = shutdown.cancelled() => return Ok(()),
                 }
                 continue;
-            }
-            let want = slots.available_permits() * self.prefetch_per_slot();
+            };
             let deliveries = tokio::select! {
                 got = self.queue.dequeue(
                     &self.options.queue,
@@ -216,7 +223,7 @@ impl Worker {
                     self.options.lease,
                     Duration::from_secs(1),
                 ) => got,
-                _ = shutdown.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => return Ok(()),
             };
             match deliveries {
                 Ok(deliveries) if deliveries.is_empty() => {}
@@ -230,9 +237,26 @@ impl Worker {
         }
     }
 
+    /// How many attempts to take from the queue now, if any: enough for the free slots and,
+    /// while attempts are short, for [`PREFETCH_HORIZON`] of work per slot beyond them, less
+    /// those already claimed and waiting for a slot. Taking the next ones while the last ones
+    /// run keeps the slots busy across the queue's and the store's round trips; waiting until
+    /// half the backlog has started keeps those takes few and large.
+    fn want(&self) -> Option<usize> {
+        let free = self.slots.available_permits();
+        let ahead = self.options.slots * self.prefetch_per_slot();
+        let target = free + ahead;
+        let waiting = self.waiting.load(Ordering::Acquire);
+        let refill = waiting == 0 || (waiting <= ahead / 2 && target > waiting);
+        (refill && target > waiting).then(|| target - waiting)
+    }
+
+    /// Attempts per slot to claim ahead of the free slots: [`PREFETCH_HORIZON`] of them at
+    /// their mean duration, none when one takes longer (a claimed attempt's lease runs while
+    /// it waits for a slot, before its heartbeat starts).
     fn prefetch_per_slot(&self) -> usize {
         let mean = self.mean_micros.load(Ordering::Relaxed).max(1);
-        ((PREFETCH_HORIZON.as_micros() as u64 / mean) as usize).clamp(1, MAX_PREFETCH_PER_SLOT)
+        ((PREFETCH_HORIZON.as_micros() as u64 / mean) as usize).min(MAX_PREFETCH_PER_SLOT)
     }
 
     /// Claims the delivered attempts in one commit and starts those it won.
@@ -305,13 +329,21 @@ impl Worker {
                 stale.push(tag);
                 continue;
             }
-            let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.map_err(|e| Error::backend("worker slots closed", e))?,
-                _ = shutdown.cancelled() => return Ok(()),
-            };
+            // The attempt waits for its slot on its own, so that the next attempts are taken
+            // from the queue meanwhile; the semaphore hands slots out in the order asked.
+            self.waiting.fetch_add(1, Ordering::AcqRel);
             let worker = self.clone();
+            let slots = slots.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
+                let permit = tokio::select! {
+                    permit = slots.acquire_owned() => permit.ok(),
+                    () = shutdown.cancelled() => None,
+                };
+                worker.waiting.fetch_sub(1, Ordering::AcqRel);
+                worker.moved.notify_one();
+                // Closed slots or a shutdown: the lease brings the task back.
+                let Some(permit) = permit else { return };
                 let attempt = Claimed {
                     task,
                     workflow,
@@ -472,6 +504,7 @@ impl Worker {
         };
         heartbeat.abort();
         drop(permit);
+        self.moved.notify_one();
         let Some(finished) = finished else {
             // Shutting down: kill the attempt and give the task back at once rather than at the
             // end of its lease. If the process ends first, the lease still brings it back.
