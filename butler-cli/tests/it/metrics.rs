@@ -752,6 +752,126 @@ fn start_server_with_env(
     Server { process, base }
 }
 
+/// A store outage does not stop `butler server`: its scheduler and worker wait for the store
+/// and go on, so runs launched once it is back complete.
+#[test]
+fn the_server_outlives_a_store_outage_and_goes_on_scheduling() {
+    let test = "the_server_outlives_a_store_outage_and_goes_on_scheduling";
+    let admin = match std::env::var("BUTLER_TEST_POSTGRES_URL") {
+        Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
+        _ if std::env::var("BUTLER_TEST_REQUIRE_SERVICES").as_deref() == Ok("1") => {
+            panic!("{test} needs BUTLER_TEST_POSTGRES_URL")
+        }
+        _ => {
+            eprintln!("skipping {test}: set BUTLER_TEST_POSTGRES_URL");
+            return;
+        }
+    };
+    let role = format!("outage_{}", std::process::id());
+    let password = "outage-test";
+    let pg = PostgresRole {
+        admin: admin.clone(),
+        role: role.clone(),
+    };
+    pg.psql(&format!(
+        "CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'; \
+         CREATE SCHEMA \"{role}\" AUTHORIZATION \"{role}\"; \
+         DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO \"{role}\"', \
+         current_database()); END $$;"
+    ))
+    .expect("create the test's role and schema");
+    let url = with_user(&admin, &role, password);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let db = format!("{url}{separator}schema={role}&connect_timeout_ms=1000");
+    let sandbox = Sandbox::new();
+    let env = [("BUTLER_DB", db.as_str())];
+    let ok = |args: &[&str]| {
+        let outcome = sandbox.run_with_env(args, &env);
+        assert_eq!(outcome.code, 0, "butler {args:?}: {outcome:?}");
+        outcome
+    };
+    let hello = crate::util::example("hello");
+    let workflow = ok(&[
+        "create-workflow",
+        "-n",
+        "test",
+        "-v",
+        "1.0",
+        "-c",
+        crate::util::path_str(&hello.join("workflow-config.json")),
+        "--definition",
+        crate::util::path_str(&hello.join("workflows/test.toml")),
+    ])
+    .created_id();
+    let analysis = ok(&[
+        "create-analysis",
+        "-n",
+        "hello",
+        "-d",
+        "2024-03-31",
+        "-c",
+        crate::util::path_str(&hello.join("analysis-config.json")),
+    ])
+    .created_id();
+    let server = start_server_with_env(&sandbox, "postgres", &["--slots", "1"], &env);
+    wait_until("the server's scheduler to lead", || {
+        match scrape(&server.base).value("butler_scheduler_leader", &[]) {
+            1.0 => Ok(()),
+            other => Err(format!("butler_scheduler_leader {other}")),
+        }
+    });
+
+    pg.psql(&format!(
+        "ALTER ROLE \"{role}\" CONNECTION LIMIT 0; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+    ))
+    .expect("refuse the role's connections");
+    wait_until("/ready to answer 503", || {
+        match get(&server.base, "/ready") {
+            Ok((503, body)) => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    // Long enough for the scheduler's polls and the worker's takes to meet the outage.
+    std::thread::sleep(Duration::from_secs(3));
+    pg.psql(&format!("ALTER ROLE \"{role}\" CONNECTION LIMIT -1"))
+        .expect("accept the role's connections again");
+    wait_until("/ready to answer 200 again", || {
+        match get(&server.base, "/ready") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}, stderr: {}", server.process.stderr())),
+        }
+    });
+
+    let runs = sandbox.copy_example("hello");
+    let launched = run_ids(&ok(&[
+        "launch-workflow",
+        "-w",
+        &workflow.to_string(),
+        "-a",
+        &analysis.to_string(),
+        "-c",
+        &format!("{runs}/runs"),
+    ]));
+    assert_eq!(launched.len(), 2, "the hello example has two runs");
+    wait_until("the runs launched after the outage to complete", || {
+        let listed = ok(&["list-runs", "--json"]).json();
+        let statuses: Vec<&str> = listed
+            .as_array()
+            .map(|runs| runs.iter().filter_map(|r| r["status"].as_str()).collect())
+            .unwrap_or_default();
+        if statuses.len() == 2 && statuses.iter().all(|s| *s == "completed") {
+            Ok(())
+        } else {
+            Err(format!(
+                "{statuses:?}; server stderr: {}",
+                server.process.stderr()
+            ))
+        }
+    });
+    drop(server);
+}
+
 /// A PostgreSQL role and schema of this test's own, dropped when this is dropped.
 struct PostgresRole {
     admin: String,

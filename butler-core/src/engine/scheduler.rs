@@ -134,9 +134,20 @@ impl Scheduler {
             if !self.stand_by(shutdown).await? {
                 return Ok(());
             }
-            match self.drive(shutdown).await? {
-                Ended::Shutdown => return Ok(()),
-                Ended::SteppedDown => self.forget_runs(),
+            match self.drive(shutdown).await {
+                Ok(Ended::Shutdown) => return Ok(()),
+                Ok(Ended::SteppedDown) => self.forget_runs(),
+                // The store or the queue is away (a restart, a network cut): drive again from
+                // what the store says once it answers, as a restarted scheduler would.
+                Err(err) if err.is_retryable() => {
+                    warn!(error = %err, "scheduling stopped: the store or the queue does not answer; trying again");
+                    self.forget_runs();
+                    tokio::select! {
+                        () = tokio::time::sleep(self.standby_pause()) => {}
+                        () = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                Err(err) => return Err(err),
             }
         }
     }

@@ -227,7 +227,15 @@ impl Worker {
             };
             match deliveries {
                 Ok(deliveries) if deliveries.is_empty() => {}
-                Ok(deliveries) => self.clone().start(deliveries, &slots, &shutdown).await?,
+                Ok(deliveries) => match self.clone().start(deliveries, &slots, &shutdown).await {
+                    Ok(()) => {}
+                    // The messages come back when their leases end.
+                    Err(err) if err.is_retryable() => {
+                        warn!(error = %err, "store unavailable; retrying in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(err) => return Err(err),
+                },
                 Err(err) if err.is_retryable() => {
                     warn!(error = %err, "queue unavailable; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
