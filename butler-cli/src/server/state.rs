@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use butler_core::DynRunStore;
-use butler_core::engine::{EngineOptions, LOST_AFTER_HEARTBEATS};
+use butler_core::engine::{EngineOptions, LOST_AFTER_HEARTBEATS, python_queue};
+use butler_core::model::WorkerInfo;
 use butler_core::queue::DynQueue;
 use butler_core::tracker::Tracker;
 use butler_providers::connect::Backends;
@@ -51,6 +52,21 @@ impl AppState {
     pub fn with_lost_after(mut self, lost_after: Duration) -> Self {
         self.lost_after = lost_after;
         self
+    }
+
+    /// The task queues to show: the engine's command queue, its Python queue, then every other
+    /// queue one of `workers` takes from, sorted.
+    pub fn queue_names(&self, workers: &[WorkerInfo]) -> Vec<String> {
+        let mut names = vec![self.queue_name.clone(), python_queue(&self.queue_name)];
+        let mut others: Vec<String> = workers
+            .iter()
+            .map(|worker| worker.queue.clone())
+            .filter(|queue| !names.contains(queue))
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        names.extend(others);
+        names
     }
 
     /// Whether the store and the queue answer; the error says which does not.

@@ -2,7 +2,6 @@
 
 use axum::Json;
 use axum::extract::State;
-use butler_core::engine::python_queue;
 use butler_core::model::WorkerInfo;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -125,18 +124,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Worker>>, Ap
     ),
 )]
 pub async fn queues(State(state): State<AppState>) -> Result<Json<Vec<QueueInfo>>, ApiError> {
-    let mut names = vec![state.queue_name.clone(), python_queue(&state.queue_name)];
-    let mut others: Vec<String> = state
-        .store
-        .list_workers()
-        .await?
-        .into_iter()
-        .map(|worker| worker.queue)
-        .filter(|queue| !names.contains(queue))
-        .collect();
-    others.sort_unstable();
-    others.dedup();
-    names.extend(others);
+    let names = state.queue_names(&state.store.list_workers().await?);
     let mut answer = Vec::with_capacity(names.len());
     for name in names {
         let depth = state.queue.depth(&name).await?;

@@ -4,7 +4,7 @@
 use axum::Extension;
 use axum::extract::State;
 use axum::response::Response;
-use butler_core::engine::{SCHEDULER_ROLE, python_queue};
+use butler_core::engine::SCHEDULER_ROLE;
 use chrono::Utc;
 use serde::Serialize;
 
@@ -81,13 +81,7 @@ async fn load(state: &AppState) -> Result<WorkersPage, PageError> {
             until: Time::new(lease.until),
         });
 
-    // The queues the server's engine uses, then any other queue a worker takes from.
-    let mut names = vec![state.queue_name.clone(), python_queue(&state.queue_name)];
-    for worker in &workers {
-        if !names.contains(&worker.queue) {
-            names.push(worker.queue.clone());
-        }
-    }
+    let names = state.queue_names(&workers);
     let mut queues = Vec::with_capacity(names.len());
     for name in names {
         let depth = state.queue.depth(&name).await?;
