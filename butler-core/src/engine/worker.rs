@@ -78,6 +78,23 @@ struct Claimed {
     workflow: Id,
     config: uuid::Uuid,
     tag: DeliveryTag,
+    renewal: Renewal,
+}
+
+/// The renewal of a claimed attempt's lease, from its claim (so that it does not lapse while
+/// the attempt waits for a slot) to its end; stops when dropped.
+struct Renewal {
+    task: tokio::task::JoinHandle<()>,
+    /// Fired when the attempt is to stop: cancelled, or its lease lost.
+    cancel: CancellationToken,
+    /// Fired when the store refused a renewal: the task is no longer this worker's.
+    lost: CancellationToken,
+}
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 pub(crate) struct Worker {
@@ -338,7 +355,9 @@ impl Worker {
                 continue;
             }
             // The attempt waits for its slot on its own, so that the next attempts are taken
-            // from the queue meanwhile; the semaphore hands slots out in the order asked.
+            // from the queue meanwhile; the semaphore hands slots out in the order asked. Its
+            // lease is renewed from now on, however long it waits.
+            let renewal = self.clone().renew(&task, tag);
             self.waiting.fetch_add(1, Ordering::AcqRel);
             let worker = self.clone();
             let slots = slots.clone();
@@ -357,6 +376,7 @@ impl Worker {
                     workflow,
                     config,
                     tag,
+                    renewal,
                 };
                 if let Err(err) = worker.attempt(attempt, permit, shutdown).await {
                     warn!(error = %err, "attempt could not be recorded; its lease will expire");
@@ -442,6 +462,7 @@ impl Worker {
             workflow,
             config,
             tag,
+            renewal,
         } = claimed;
         let token = task.token.unwrap_or_default();
         let run_id = task.run_id;
@@ -458,13 +479,8 @@ impl Worker {
             })?;
         let config = self.config(config).await?;
 
-        let cancel = CancellationToken::new();
-        let lost = CancellationToken::new();
-        let heartbeat =
-            tokio::spawn(
-                self.clone()
-                    .heartbeat(&task, token, tag, cancel.clone(), lost.clone()),
-            );
+        let cancel = renewal.cancel.clone();
+        let lost = renewal.lost.clone();
         let started = Instant::now();
         let execution = async {
             match renderer.render(&config) {
@@ -510,7 +526,7 @@ impl Worker {
             finished = execution => Some(finished),
             _ = shutdown.cancelled() => None,
         };
-        heartbeat.abort();
+        drop(renewal);
         drop(permit);
         self.moved.notify_one();
         let Some(finished) = finished else {
@@ -578,6 +594,19 @@ impl Worker {
         }
         self.acks.submit(vec![tag]).await?;
         Ok(())
+    }
+
+    /// Starts renewing the lease of the attempt claimed for `task`.
+    fn renew(self: Arc<Self>, task: &TaskInstance, tag: DeliveryTag) -> Renewal {
+        let cancel = CancellationToken::new();
+        let lost = CancellationToken::new();
+        let token = task.token.unwrap_or_default();
+        let renewing = self.heartbeat(task, token, tag, cancel.clone(), lost.clone());
+        Renewal {
+            task: tokio::spawn(renewing),
+            cancel,
+            lost,
+        }
     }
 
     /// Renews the attempt's lease in the store and the queue until cancelled; when the store
@@ -801,6 +830,66 @@ mod tests {
         })
         .await;
         engine.stop().await.expect("stops");
+    }
+
+    /// An attempt claimed ahead of a free slot keeps its lease while it waits, however long
+    /// the attempt before it runs: it runs once, on its first try, rather than being taken back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attempt_waiting_for_a_slot_keeps_its_lease() {
+        let store = Arc::new(MemoryRunStore::new());
+        let tracker = Tracker::new(store.clone());
+        let definition = Definition::parse(
+            "[[tasks]]\nid = \"a\"\nrun = \"x\"\n",
+            Format::Toml,
+            "t.toml",
+        )
+        .expect("definition");
+        let w = tracker
+            .create_workflow("w", "1", json!({}), definition)
+            .await
+            .expect("workflow");
+        let a = tracker
+            .create_analysis("a", Utc::now().date_naive(), json!({}))
+            .await
+            .expect("analysis");
+        let sources = (0..2)
+            .map(|n| RunSource {
+                source: None,
+                config: json!({ "n": n }),
+            })
+            .collect();
+        let runs: Vec<_> = tracker
+            .launch(w.id, a.id, sources, false)
+            .await
+            .expect("launch")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        // One slot, attempts of 800 ms, leases of 300 ms: the second attempt is claimed while
+        // the first runs, and waits for the slot more than twice its lease.
+        let mut options = options(Some("one-slot"), 1);
+        options.schedule = true;
+        options.lease = Duration::from_millis(300);
+        let mut engine = start(&store, options);
+        let finished = engine
+            .wait_for(&runs, |_| {})
+            .await
+            .expect("the runs finish");
+        engine.stop().await.expect("stops");
+        assert!(
+            finished
+                .iter()
+                .all(|f| f.status == crate::model::RunStatus::Completed),
+            "{finished:?}"
+        );
+        for task in store.list_tasks(&runs).await.expect("tasks") {
+            assert_eq!(
+                (task.state, task.try_number),
+                (crate::model::TaskState::Succeeded, 1),
+                "run {}: one attempt, never taken back",
+                task.run_id
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
