@@ -1,5 +1,7 @@
 //! Compare-and-set changes: the only way run and task states move.
 
+pub mod decide;
+
 use chrono::{DateTime, Utc};
 
 use crate::model::{Id, RunStatus, TaskInstance, TaskState};
