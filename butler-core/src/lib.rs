@@ -11,7 +11,7 @@ pub mod model;
 pub mod notify;
 pub mod queue;
 mod store;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tracker;
 

@@ -756,33 +756,12 @@ fn start_server_with_env(
 /// and go on, so runs launched once it is back complete.
 #[test]
 fn the_server_outlives_a_store_outage_and_goes_on_scheduling() {
-    let test = "the_server_outlives_a_store_outage_and_goes_on_scheduling";
-    let admin = match std::env::var("BUTLER_TEST_POSTGRES_URL") {
-        Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
-        _ if std::env::var("BUTLER_TEST_REQUIRE_SERVICES").as_deref() == Ok("1") => {
-            panic!("{test} needs BUTLER_TEST_POSTGRES_URL")
-        }
-        _ => {
-            eprintln!("skipping {test}: set BUTLER_TEST_POSTGRES_URL");
-            return;
-        }
+    let Some((pg, db)) = PostgresRole::create(
+        "the_server_outlives_a_store_outage_and_goes_on_scheduling",
+        "outage",
+    ) else {
+        return;
     };
-    let role = format!("outage_{}", std::process::id());
-    let password = "outage-test";
-    let pg = PostgresRole {
-        admin: admin.clone(),
-        role: role.clone(),
-    };
-    pg.psql(&format!(
-        "CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'; \
-         CREATE SCHEMA \"{role}\" AUTHORIZATION \"{role}\"; \
-         DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO \"{role}\"', \
-         current_database()); END $$;"
-    ))
-    .expect("create the test's role and schema");
-    let url = with_user(&admin, &role, password);
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let db = format!("{url}{separator}schema={role}&connect_timeout_ms=1000");
     let sandbox = Sandbox::new();
     let env = [("BUTLER_DB", db.as_str())];
     let ok = |args: &[&str]| {
@@ -821,11 +800,7 @@ fn the_server_outlives_a_store_outage_and_goes_on_scheduling() {
         }
     });
 
-    pg.psql(&format!(
-        "ALTER ROLE \"{role}\" CONNECTION LIMIT 0; \
-         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
-    ))
-    .expect("refuse the role's connections");
+    pg.refuse_connections();
     wait_until("/ready to answer 503", || {
         match get(&server.base, "/ready") {
             Ok((503, body)) => Ok(body),
@@ -834,8 +809,7 @@ fn the_server_outlives_a_store_outage_and_goes_on_scheduling() {
     });
     // Long enough for the scheduler's polls and the worker's takes to meet the outage.
     std::thread::sleep(Duration::from_secs(3));
-    pg.psql(&format!("ALTER ROLE \"{role}\" CONNECTION LIMIT -1"))
-        .expect("accept the role's connections again");
+    pg.accept_connections();
     wait_until("/ready to answer 200 again", || {
         match get(&server.base, "/ready") {
             Ok((200, _)) => Ok(()),
@@ -879,6 +853,56 @@ struct PostgresRole {
 }
 
 impl PostgresRole {
+    /// A role named `PREFIX_PID` with a password and a schema of its own on the server of
+    /// `BUTLER_TEST_POSTGRES_URL`, and the `BUTLER_DB` URL that logs in as it; `None` (after
+    /// saying so) when that variable is unset, unless services are required.
+    fn create(test: &str, prefix: &str) -> Option<(PostgresRole, String)> {
+        let admin = match std::env::var("BUTLER_TEST_POSTGRES_URL") {
+            Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
+            _ if std::env::var("BUTLER_TEST_REQUIRE_SERVICES").as_deref() == Ok("1") => {
+                panic!("{test} needs BUTLER_TEST_POSTGRES_URL")
+            }
+            _ => {
+                eprintln!("skipping {test}: set BUTLER_TEST_POSTGRES_URL");
+                return None;
+            }
+        };
+        let role = format!("{prefix}_{}", std::process::id());
+        let password = format!("{prefix}-test");
+        let pg = PostgresRole {
+            admin: admin.clone(),
+            role: role.clone(),
+        };
+        pg.psql(&format!(
+            "CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'; \
+             CREATE SCHEMA \"{role}\" AUTHORIZATION \"{role}\"; \
+             DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO \"{role}\"', \
+             current_database()); END $$;"
+        ))
+        .expect("create the test's role and schema");
+        let url = with_user(&admin, &role, &password);
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let db = format!("{url}{separator}schema={role}&connect_timeout_ms=1000");
+        Some((pg, db))
+    }
+
+    /// Refuses the role's new connections and ends its open ones: the store goes away.
+    fn refuse_connections(&self) {
+        let role = &self.role;
+        self.psql(&format!(
+            "ALTER ROLE \"{role}\" CONNECTION LIMIT 0; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+        ))
+        .expect("refuse the role's connections");
+    }
+
+    /// Accepts the role's connections again.
+    fn accept_connections(&self) {
+        let role = &self.role;
+        self.psql(&format!("ALTER ROLE \"{role}\" CONNECTION LIMIT -1"))
+            .expect("accept the role's connections again");
+    }
+
     fn psql(&self, sql: &str) -> Result<(), String> {
         let output = Command::new("psql")
             .args(["-q", "-v", "ON_ERROR_STOP=1", &self.admin, "-c", sql])
@@ -918,33 +942,13 @@ fn with_user(url: &str, user: &str, password: &str) -> String {
 
 #[test]
 fn ready_answers_503_while_the_store_refuses_connections_and_recovers() {
-    let test = "ready_answers_503_while_the_store_refuses_connections_and_recovers";
-    let admin = match std::env::var("BUTLER_TEST_POSTGRES_URL") {
-        Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
-        _ if std::env::var("BUTLER_TEST_REQUIRE_SERVICES").as_deref() == Ok("1") => {
-            panic!("{test} needs BUTLER_TEST_POSTGRES_URL")
-        }
-        _ => {
-            eprintln!("skipping {test}: set BUTLER_TEST_POSTGRES_URL");
-            return;
-        }
+    let Some((pg, db)) = PostgresRole::create(
+        "ready_answers_503_while_the_store_refuses_connections_and_recovers",
+        "metrics",
+    ) else {
+        return;
     };
-    let role = format!("metrics_{}", std::process::id());
-    let password = "metrics-test";
-    let pg = PostgresRole {
-        admin: admin.clone(),
-        role: role.clone(),
-    };
-    pg.psql(&format!(
-        "CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'; \
-         CREATE SCHEMA \"{role}\" AUTHORIZATION \"{role}\"; \
-         DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO \"{role}\"', \
-         current_database()); END $$;"
-    ))
-    .expect("create the test's role and schema");
-    let url = with_user(&admin, &role, password);
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let db = format!("{url}{separator}schema={role}&connect_timeout_ms=1000");
+    let role = pg.role.clone();
     let sandbox = Sandbox::new();
     let env = [("BUTLER_DB", db.as_str())];
     // Create the tables, then let a scheduler elsewhere hold the lease: this server's engine
@@ -970,11 +974,7 @@ fn ready_answers_503_while_the_store_refuses_connections_and_recovers() {
         "held elsewhere"
     );
 
-    pg.psql(&format!(
-        "ALTER ROLE \"{role}\" CONNECTION LIMIT 0; \
-         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
-    ))
-    .expect("refuse the role's connections");
+    pg.refuse_connections();
     let body = wait_until("/ready to answer 503", || {
         match get(&server.base, "/ready") {
             Ok((503, body)) => Ok(body),
@@ -1003,8 +1003,7 @@ fn ready_answers_503_while_the_store_refuses_connections_and_recovers() {
         "alive all the same"
     );
 
-    pg.psql(&format!("ALTER ROLE \"{role}\" CONNECTION LIMIT -1"))
-        .expect("accept the role's connections again");
+    pg.accept_connections();
     wait_until("/ready to answer 200 again", || {
         match get(&server.base, "/ready") {
             Ok((200, _)) => Ok(()),

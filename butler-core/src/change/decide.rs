@@ -333,12 +333,7 @@ fn event_of(change: &Change) -> Option<NewEvent<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::TaskExpect;
-
-    /// Times the store keeps exactly: whole milliseconds.
-    fn at(ms: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp_millis(1_700_000_000_000 + ms).expect("in range")
-    }
+    use crate::testing::changes::{at, lease, queued, run_change, running, task_change};
 
     fn rows(tasks: &[&TaskInstance], runs: &[(Id, RunStatus)]) -> Rows<'static> {
         let mut rows = Rows::default();
@@ -355,57 +350,6 @@ mod tests {
             rows.insert_run(*id, *status);
         }
         rows
-    }
-
-    fn task_change(from: &TaskInstance, new: &TaskInstance) -> Change {
-        Change::Task(TaskChange {
-            expect: TaskExpect::of(from),
-            new: new.clone(),
-            by: "test".into(),
-            reason: format!("to {}", new.state),
-        })
-    }
-
-    fn run_change(run_id: Id, expect: RunStatus, status: RunStatus) -> RunChange {
-        RunChange {
-            run_id,
-            expect,
-            status,
-            error: None,
-            started_at: None,
-            ended_at: None,
-            by: "test".into(),
-            reason: format!("to {status}"),
-        }
-    }
-
-    fn lease(task: &TaskInstance, token: i64, until: DateTime<Utc>) -> Change {
-        Change::Lease(LeaseChange {
-            run_id: task.run_id,
-            task_id: task.task_id.clone(),
-            token,
-            until,
-        })
-    }
-
-    fn queued(task: &TaskInstance) -> TaskInstance {
-        TaskInstance {
-            state: TaskState::Queued,
-            try_number: task.try_number + 1,
-            queued_at: Some(at(0)),
-            ..task.clone()
-        }
-    }
-
-    fn running(task: &TaskInstance, token: i64) -> TaskInstance {
-        TaskInstance {
-            state: TaskState::Running,
-            token: Some(token),
-            lease_until: Some(at(60_000)),
-            worker: Some("host/1".into()),
-            started_at: Some(at(1)),
-            ..task.clone()
-        }
     }
 
     fn transitions(events: &[NewEvent<'_>]) -> Vec<(Id, Option<String>, String)> {

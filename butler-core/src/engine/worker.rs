@@ -272,7 +272,7 @@ impl Worker {
         let ahead = self.options.slots * self.prefetch_per_slot();
         let target = free + ahead;
         let waiting = self.waiting.load(Ordering::Acquire);
-        let refill = waiting == 0 || (waiting <= ahead / 2 && target > waiting);
+        let refill = waiting == 0 || waiting <= ahead / 2;
         (refill && target > waiting).then(|| target - waiting)
     }
 
@@ -713,6 +713,41 @@ mod tests {
         )
     }
 
+    /// Launches `count` runs of a one-task workflow into `store`; their ids.
+    async fn launch_one_task_runs(
+        store: &Arc<MemoryRunStore>,
+        count: usize,
+    ) -> Vec<crate::model::Id> {
+        let tracker = Tracker::new(store.clone());
+        let definition = Definition::parse(
+            "[[tasks]]\nid = \"a\"\nrun = \"x\"\n",
+            Format::Toml,
+            "t.toml",
+        )
+        .expect("definition");
+        let w = tracker
+            .create_workflow("w", "1", json!({}), definition)
+            .await
+            .expect("workflow");
+        let a = tracker
+            .create_analysis("a", Utc::now().date_naive(), json!({}))
+            .await
+            .expect("analysis");
+        let sources = (0..count)
+            .map(|n| RunSource {
+                source: None,
+                config: json!({ "n": n }),
+            })
+            .collect();
+        tracker
+            .launch(w.id, a.id, sources, false)
+            .await
+            .expect("launch")
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    }
+
     async fn until_listed(
         store: &MemoryRunStore,
         what: &str,
@@ -784,36 +819,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_heartbeat_counts_the_slots_in_use() {
         let store = Arc::new(MemoryRunStore::new());
-        let tracker = Tracker::new(store.clone());
-        let definition = Definition::parse(
-            "[[tasks]]\nid = \"a\"\nrun = \"x\"\n",
-            Format::Toml,
-            "t.toml",
-        )
-        .expect("definition");
-        let w = tracker
-            .create_workflow("w", "1", json!({}), definition)
-            .await
-            .expect("workflow");
-        let a = tracker
-            .create_analysis("a", Utc::now().date_naive(), json!({}))
-            .await
-            .expect("analysis");
-        let runs: Vec<_> = tracker
-            .launch(
-                w.id,
-                a.id,
-                vec![RunSource {
-                    source: None,
-                    config: json!({}),
-                }],
-                false,
-            )
-            .await
-            .expect("launch")
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
+        let runs = launch_one_task_runs(&store, 1).await;
         let mut options = options(Some("busy"), 3);
         options.schedule = true;
         let mut engine = start(&store, options);
@@ -837,34 +843,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_attempt_waiting_for_a_slot_keeps_its_lease() {
         let store = Arc::new(MemoryRunStore::new());
-        let tracker = Tracker::new(store.clone());
-        let definition = Definition::parse(
-            "[[tasks]]\nid = \"a\"\nrun = \"x\"\n",
-            Format::Toml,
-            "t.toml",
-        )
-        .expect("definition");
-        let w = tracker
-            .create_workflow("w", "1", json!({}), definition)
-            .await
-            .expect("workflow");
-        let a = tracker
-            .create_analysis("a", Utc::now().date_naive(), json!({}))
-            .await
-            .expect("analysis");
-        let sources = (0..2)
-            .map(|n| RunSource {
-                source: None,
-                config: json!({ "n": n }),
-            })
-            .collect();
-        let runs: Vec<_> = tracker
-            .launch(w.id, a.id, sources, false)
-            .await
-            .expect("launch")
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
+        let runs = launch_one_task_runs(&store, 2).await;
         // One slot, attempts of 800 ms, leases of 300 ms: the second attempt is claimed while
         // the first runs, and waits for the slot more than twice its lease.
         let mut options = options(Some("one-slot"), 1);

@@ -2,5 +2,6 @@
 //!
 //! A backend is done when every suite here passes against it.
 
+pub mod changes;
 pub mod queue;
 pub mod store;
