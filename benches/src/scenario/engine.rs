@@ -184,6 +184,31 @@ async fn run_all(
     Ok(took)
 }
 
+/// Like [`run_all`], with the scheduler and the worker slots in two engines, as `butler
+/// scheduler` and `butler worker` run: every task goes through the queue.
+async fn run_all_apart(
+    s: &Setup,
+    executor: Arc<DynExecutor>,
+    slots: usize,
+    runs: &[Id],
+) -> anyhow::Result<f64> {
+    let begin = Instant::now();
+    let mut scheduler = start(s, executor.clone(), 0);
+    let mut options = EngineOptions::new(s.home.clone(), slots);
+    options.schedule = false;
+    let workers = Engine::start(s.store.clone(), s.queue.clone(), executor, options);
+    let finished = scheduler.wait_for(runs, |_| {}).await?;
+    let took = secs(begin);
+    scheduler.stop().await?;
+    workers.stop().await?;
+    let failed = finished
+        .iter()
+        .filter(|f| f.status != RunStatus::Completed)
+        .count();
+    anyhow::ensure!(failed == 0, "{failed} runs did not complete");
+    Ok(took)
+}
+
 /// Single-row commits per second to the scenario's database at its durability: the unit cost a
 /// task would pay without group commit.
 async fn commits_per_second(s: &Setup) -> anyhow::Result<f64> {
@@ -227,6 +252,8 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let s = setup(args, "[[tasks]]\nid = \"noop\"\nrun = \"true\"\n").await?;
     let runs = launch(&s, 0, count).await?;
     let took = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs).await?;
+    let runs = launch(&s, count, count).await?;
+    let took_apart = run_all_apart(&s, Arc::new(NoopExecutor::default()), 2, &runs).await?;
     let commits = commits_per_second(&s).await?;
     let dead = s
         .queue
@@ -253,6 +280,16 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
             "noop",
             format!("{count} no-op tasks (one-task runs), 2 slots, {backend}"),
             count as f64 / took,
+            "tasks/s",
+        )
+        .limit(commits, "single-row commits/s to the same database"),
+        Figure::new(
+            "noop",
+            format!(
+                "the same with scheduler and workers apart, every task through the queue, \
+                 {backend}"
+            ),
+            count as f64 / took_apart,
             "tasks/s",
         )
         .limit(commits, "single-row commits/s to the same database"),

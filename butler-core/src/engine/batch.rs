@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::{Error, Result};
 
@@ -12,8 +12,13 @@ type Reply<R> = oneshot::Sender<Result<Vec<R>, Arc<Error>>>;
 type BatchFn<T, R> =
     Arc<dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = Result<Vec<R>>> + Send>> + Send + Sync>;
 
-/// Gathers the items that callers submit while one batch is in flight and hands them to the
+/// Gathers the items that callers submit while batches are in flight and hands them to the
 /// next call of the batch operation together, so one transaction (one fsync) serves them all.
+///
+/// Up to `in_flight` calls run at once, so the store has the next batch as soon as it is done
+/// with the last, rather than after a round trip through this task; calls may finish in any
+/// order, so items whose order matters must be submitted one after the other's answer (every
+/// caller of the engine waits for its answer before its next change).
 ///
 /// The operation must return one result per item, in order.
 pub struct Batcher<T, R> {
@@ -36,16 +41,21 @@ impl<T, R> std::fmt::Debug for Batcher<T, R> {
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     /// Starts the batching task on the current runtime; it ends when every handle is dropped.
-    /// At most `max_items` items go into one call.
-    pub fn spawn<F, Fut>(max_items: usize, operation: F) -> Self
+    /// At most `max_items` items go into one call, and at most `in_flight` calls run at once.
+    pub fn spawn<F, Fut>(max_items: usize, in_flight: usize, operation: F) -> Self
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<R>>> + Send + 'static,
     {
         let operation: BatchFn<T, R> = Arc::new(move |items| Box::pin(operation(items)));
         let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<T>, Reply<R>)>();
+        let calls = Arc::new(Semaphore::new(in_flight.max(1)));
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
+                // Waiting for a free call first lets what arrives meanwhile join this one.
+                let Ok(call) = calls.clone().acquire_owned().await else {
+                    return;
+                };
                 let mut requests = vec![first];
                 let mut count = requests[0].0.len();
                 while count < max_items {
@@ -65,20 +75,24 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                     items.extend(batch);
                     replies.push(reply);
                 }
-                match operation(items).await {
-                    Ok(results) => {
-                        let mut results = results.into_iter();
-                        for (size, reply) in sizes.into_iter().zip(replies) {
-                            let _ = reply.send(Ok(results.by_ref().take(size).collect()));
+                let operation = operation.clone();
+                tokio::spawn(async move {
+                    let _call = call;
+                    match operation(items).await {
+                        Ok(results) => {
+                            let mut results = results.into_iter();
+                            for (size, reply) in sizes.into_iter().zip(replies) {
+                                let _ = reply.send(Ok(results.by_ref().take(size).collect()));
+                            }
+                        }
+                        Err(err) => {
+                            let err = Arc::new(err);
+                            for reply in replies {
+                                let _ = reply.send(Err(err.clone()));
+                            }
                         }
                     }
-                    Err(err) => {
-                        let err = Arc::new(err);
-                        for reply in replies {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                    }
-                }
+                });
             }
         });
         Batcher { tx }
@@ -112,7 +126,7 @@ mod tests {
     async fn concurrent_submissions_share_calls_and_get_their_own_results() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counter = calls.clone();
-        let batcher = Batcher::spawn(1000, move |items: Vec<u32>| {
+        let batcher = Batcher::spawn(1000, 1, move |items: Vec<u32>| {
             counter.fetch_add(1, Ordering::SeqCst);
             async move {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -28,6 +28,7 @@
 
 mod batch;
 pub mod control;
+mod handoff;
 pub mod metrics;
 pub mod plan;
 pub mod retry;
@@ -51,12 +52,16 @@ pub use batch::Batcher;
 use crate::change::{Change, ChangeSet};
 use crate::error::{Error, Result};
 use crate::executor::DynExecutor;
-use crate::model::{Id, RunFilter, RunStatus};
+use crate::model::{Id, RunFilter, RunStatus, TaskInstance};
 use crate::queue::DynQueue;
 use crate::store::DynRunStore;
 
 /// The queue that carries task attempts unless configured otherwise.
 pub const DEFAULT_TASK_QUEUE: &str = "butler.tasks";
+
+/// Group commits (and groups of acks) an engine has in flight at once: while the store runs
+/// one, the next gathers, and reaches the store as soon as it is free.
+const CALLS_IN_FLIGHT: usize = 2;
 
 /// The role whose lease makes a scheduler the one that drives runs.
 pub const SCHEDULER_ROLE: &str = "scheduler";
@@ -187,27 +192,29 @@ impl Engine {
         options.instance = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let (touched_tx, touched) = mpsc::unbounded_channel();
         let commit_store = store.clone();
-        let commits: Batcher<ChangeSet, bool> = Batcher::spawn(4096, move |sets| {
-            let store = commit_store.clone();
-            let touched_tx = touched_tx.clone();
-            async move {
-                let by_workers: Vec<Option<Id>> = sets.iter().map(worker_run).collect();
-                metrics::batch(sets.len());
-                let applied = metrics::store_call("apply", store.apply(sets)).await?;
-                let runs: Vec<Id> = by_workers
-                    .into_iter()
-                    .zip(&applied)
-                    .filter_map(|(run, ok)| run.filter(|_| *ok))
-                    .collect();
-                if !runs.is_empty() {
-                    // The scheduler may have stopped; then nobody needs to know.
-                    let _ = touched_tx.send(runs);
+        let commits: Batcher<ChangeSet, bool> =
+            Batcher::spawn(4096, CALLS_IN_FLIGHT, move |sets| {
+                let store = commit_store.clone();
+                let touched_tx = touched_tx.clone();
+                async move {
+                    let by_workers: Vec<Vec<TaskInstance>> = sets.iter().map(worker_rows).collect();
+                    metrics::batch(sets.len());
+                    let applied = metrics::store_call("apply", store.apply(sets)).await?;
+                    let rows: Vec<TaskInstance> = by_workers
+                        .into_iter()
+                        .zip(&applied)
+                        .filter(|(_, ok)| **ok)
+                        .flat_map(|(rows, _)| rows)
+                        .collect();
+                    if !rows.is_empty() {
+                        // The scheduler may have stopped; then nobody needs to know.
+                        let _ = touched_tx.send(rows);
+                    }
+                    Ok(applied)
                 }
-                Ok(applied)
-            }
-        });
+            });
         let ack_queue = queue.clone();
-        let acks = Batcher::spawn(4096, move |tags: Vec<_>| {
+        let acks = Batcher::spawn(4096, CALLS_IN_FLIGHT, move |tags: Vec<_>| {
             let queue = ack_queue.clone();
             async move { metrics::queue_call("ack", queue.ack(&tags)).await }
         });
@@ -215,28 +222,32 @@ impl Engine {
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
+        let worker = (options.slots > 0).then(|| {
+            Arc::new(worker::Worker::new(
+                store.clone(),
+                queue.clone(),
+                executor,
+                commits.clone(),
+                acks,
+                options.clone(),
+                stats.clone(),
+            ))
+        });
         if options.schedule {
             let scheduler = scheduler::Scheduler::new(
                 store.clone(),
-                queue.clone(),
-                commits.clone(),
+                queue,
+                commits,
                 touched,
                 finished.clone(),
-                options.clone(),
+                worker.clone(),
+                options,
             );
             tasks.push(tokio::spawn(scheduler.run(shutdown.clone())));
         }
-        if options.slots > 0 {
-            let worker = Arc::new(worker::Worker::new(
-                store.clone(),
-                queue,
-                executor,
-                commits,
-                acks,
-                options,
-                stats.clone(),
-            ));
+        if let Some(worker) = worker {
             tasks.push(tokio::spawn(worker.clone().announce(shutdown.clone())));
+            tasks.push(tokio::spawn(worker.clone().run_handed(shutdown.clone())));
             tasks.push(tokio::spawn(worker.run(shutdown.clone())));
         }
         Engine {
@@ -387,12 +398,15 @@ async fn futures_select_all(
     .await
 }
 
-/// The run whose task a worker's change set moves, if it is one (lease renewals are not).
-fn worker_run(set: &ChangeSet) -> Option<Id> {
-    set.iter().find_map(|change| match change {
-        Change::Task(task) if task.by.starts_with(worker::BY_PREFIX) => Some(task.new.run_id),
-        _ => None,
-    })
+/// The task rows a worker's change set writes (none for lease renewals and for the
+/// scheduler's sets).
+fn worker_rows(set: &ChangeSet) -> Vec<TaskInstance> {
+    set.iter()
+        .filter_map(|change| match change {
+            Change::Task(task) if task.by.starts_with(worker::BY_PREFIX) => Some(task.new.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `HOST/PID` of this process.

@@ -33,13 +33,23 @@ pub struct TaskMessage {
     pub python: bool,
 }
 
+/// A task a plan queues: the message to send once the plan is committed, and the task's row
+/// as the plan leaves it (what a worker of the same process claims it from).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedTask {
+    /// The message.
+    pub message: TaskMessage,
+    /// The task, queued.
+    pub row: TaskInstance,
+}
+
 /// What the scheduler does for one run.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Plan {
     /// The changes, applied together or not at all.
     pub changes: ChangeSet,
-    /// Messages to enqueue after the changes are committed.
-    pub enqueue: Vec<TaskMessage>,
+    /// Tasks to send to the workers after the changes are committed.
+    pub enqueue: Vec<QueuedTask>,
     /// The run's status after the plan, if it finishes the run.
     pub finishes: Option<RunStatus>,
 }
@@ -140,14 +150,17 @@ pub fn plan_run(
         };
         if let Some((new, reason, delay)) = new {
             if let Some(delay) = delay {
-                plan.enqueue.push(TaskMessage {
-                    run: run.id,
-                    task: new.task_id.clone(),
-                    try_number: new.try_number,
-                    workflow: run.workflow_id,
-                    config: run.effective_config_id,
-                    delay,
-                    python: def_task.python.is_some(),
+                plan.enqueue.push(QueuedTask {
+                    message: TaskMessage {
+                        run: run.id,
+                        task: new.task_id.clone(),
+                        try_number: new.try_number,
+                        workflow: run.workflow_id,
+                        config: run.effective_config_id,
+                        delay,
+                        python: def_task.python.is_some(),
+                    },
+                    row: new.clone(),
                 });
             }
             push_task(&mut plan, &task, new.clone(), by, &reason);

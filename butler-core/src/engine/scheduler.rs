@@ -15,11 +15,14 @@ use tracing::{debug, info, warn};
 
 use super::batch::Batcher;
 use super::metrics;
-use super::plan::{Plan, TaskMessage, plan_run, run_deadline};
+use super::plan::{Plan, QueuedTask, TaskMessage, plan_run, run_deadline};
+use super::worker::Worker;
 use super::{EngineOptions, RunFinished, SCHEDULER_ROLE, python_queue, retry, worker_is_gone};
 use crate::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
 use crate::error::Result;
-use crate::model::{AnalysisRun, EventFilter, Id, RunFilter, RunStatus, TaskState, Workflow};
+use crate::model::{
+    AnalysisRun, EventFilter, Id, RunFilter, RunStatus, TaskInstance, TaskState, Workflow,
+};
 use crate::queue::{DynQueue, NewMessage};
 use crate::store::DynRunStore;
 
@@ -28,13 +31,18 @@ const CLAIM_PAGE: usize = 1_000;
 /// How often to look for active runs that no live scheduler drives, and to plan every active
 /// run again from the store.
 const ADOPT_EVERY: chrono::Duration = chrono::Duration::seconds(30);
+/// How often to look whether workers of other processes take from this scheduler's queue.
+const WORKERS_EVERY: Duration = Duration::from_secs(2);
+/// The most runs whose tasks the scheduler keeps in memory ([`Scheduler::known`]).
+const KNOWN_RUNS: usize = 20_000;
 
 /// What one change set of [`Scheduler::advance`] does.
 enum Step {
     /// Takes back an attempt whose worker process is gone; whether its task is retried.
     Orphan(bool),
-    /// Carries a run's plan; whether the run was past its deadline when planned.
-    Plan(Plan, bool),
+    /// Carries a run's plan, made from these tasks; whether the run was past its deadline when
+    /// planned.
+    Plan(Plan, Vec<TaskInstance>, bool),
 }
 
 /// Whether `set` puts a task back for another attempt.
@@ -55,9 +63,16 @@ pub(crate) struct Scheduler {
     pub store: Arc<DynRunStore>,
     pub queue: Arc<DynQueue>,
     pub commits: Batcher<ChangeSet, bool>,
-    /// Runs whose tasks this process's workers changed.
-    pub touched: mpsc::UnboundedReceiver<Vec<Id>>,
+    /// Task rows this process's workers committed.
+    pub touched: mpsc::UnboundedReceiver<Vec<TaskInstance>>,
     pub finished: broadcast::Sender<RunFinished>,
+    /// The worker slots of this process, if it has any: tasks are handed to them directly.
+    local: Option<Arc<Worker>>,
+    /// Whether no worker of another process takes from the queue (as of the last look), so
+    /// this process's slots may take every task.
+    alone: bool,
+    /// When to look at the worker list again.
+    next_workers_check: Instant,
     pub options: EngineOptions,
     pub name: String,
     /// How this scheduler holds the scheduler's lease.
@@ -70,8 +85,18 @@ pub(crate) struct Scheduler {
     next_turn_check: Instant,
     workflows: HashMap<Id, Arc<Workflow>>,
     active: HashMap<Id, AnalysisRun>,
+    /// The tasks of some active runs as this process last committed or read them, so that a
+    /// run this process alone moves is planned without reading the store. A run leaves it when
+    /// another process changes it (its event is read), when a plan meets a conflict, and at
+    /// every reconciliation; a plan from a row that is no longer current fails its
+    /// compare-and-set and reads the store next time.
+    known: HashMap<Id, Vec<TaskInstance>>,
+    /// Runs a task of which this process's workers started, to plan at the next poll: a run
+    /// whose tasks end within a poll goes from `scheduled` to its end in one change, and one
+    /// whose tasks take longer shows `in-progress` within a poll.
+    started: HashSet<Id>,
     per_workflow: HashMap<Id, usize>,
-    unsent: Vec<TaskMessage>,
+    unsent: Vec<QueuedTask>,
     cursor: Id,
     /// Where the last reads of the event log ended, oldest first.
     read_from: VecDeque<Id>,
@@ -84,8 +109,9 @@ impl Scheduler {
         store: Arc<DynRunStore>,
         queue: Arc<DynQueue>,
         commits: Batcher<ChangeSet, bool>,
-        touched: mpsc::UnboundedReceiver<Vec<Id>>,
+        touched: mpsc::UnboundedReceiver<Vec<TaskInstance>>,
         finished: broadcast::Sender<RunFinished>,
+        local: Option<Arc<Worker>>,
         options: EngineOptions,
     ) -> Self {
         let name = format!("scheduler {}", options.signature());
@@ -96,6 +122,9 @@ impl Scheduler {
             commits,
             touched,
             finished,
+            local,
+            alone: false,
+            next_workers_check: Instant::now(),
             options,
             name,
             holder,
@@ -104,6 +133,8 @@ impl Scheduler {
             next_turn_check: Instant::now(),
             workflows: HashMap::new(),
             active: HashMap::new(),
+            known: HashMap::new(),
+            started: HashSet::new(),
             per_workflow: HashMap::new(),
             unsent: Vec::new(),
             cursor: 0,
@@ -261,6 +292,8 @@ impl Scheduler {
     /// Drops what this scheduler knew of its runs: the one that leads now drives them.
     fn forget_runs(&mut self) {
         self.active.clear();
+        self.known.clear();
+        self.started.clear();
         self.per_workflow.clear();
         self.unsent.clear();
     }
@@ -276,17 +309,19 @@ impl Scheduler {
         let mut next_adopt = Utc::now() + ADOPT_EVERY;
         loop {
             let now = Utc::now();
-            while let Ok(runs) = self.touched.try_recv() {
-                dirty.extend(runs.into_iter().filter(|id| self.active.contains_key(id)));
+            while let Ok(rows) = self.touched.try_recv() {
+                self.note(rows, &mut dirty);
             }
             if now >= next_poll {
                 if !self.keep_turn().await? {
                     return Ok(Ended::SteppedDown);
                 }
                 // Other processes' changes, new runs, and runs past their deadline.
+                self.look_for_workers().await;
                 self.read_events(&mut dirty).await?;
-                self.claim_ready(&mut dirty).await?;
+                self.claim_ready().await?;
                 self.past_deadline(now, &mut dirty);
+                dirty.extend(self.started.drain());
                 next_poll = now + self.options.poll;
             }
             if now >= next_reap {
@@ -299,6 +334,7 @@ impl Scheduler {
                 // whose event this scheduler never read (a store may make event ids visible out
                 // of order) still moves its run on.
                 dirty.extend(self.active.keys().copied());
+                self.known.clear();
                 next_adopt = now + ADOPT_EVERY;
             }
             let next_deadline = next_poll.min(next_reap).min(next_adopt);
@@ -314,8 +350,10 @@ impl Scheduler {
                 .unwrap_or(Duration::ZERO)
                 .max(Duration::from_millis(1));
             tokio::select! {
-                runs = self.touched.recv() => {
-                    dirty.extend(runs.into_iter().flatten().filter(|id| self.active.contains_key(id)));
+                rows = self.touched.recv() => {
+                    if let Some(rows) = rows {
+                        self.note(rows, &mut dirty);
+                    }
                 }
                 _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
@@ -367,14 +405,17 @@ impl Scheduler {
                             .task(&task.task_id)
                             .is_some_and(|t| t.python.is_some())
                     });
-                    self.unsent.push(TaskMessage {
-                        run: task.run_id,
-                        task: task.task_id,
-                        try_number: task.try_number,
-                        workflow: run.workflow_id,
-                        config: run.effective_config_id,
-                        delay: Duration::ZERO,
-                        python,
+                    self.unsent.push(QueuedTask {
+                        message: TaskMessage {
+                            run: task.run_id,
+                            task: task.task_id.clone(),
+                            try_number: task.try_number,
+                            workflow: run.workflow_id,
+                            config: run.effective_config_id,
+                            delay: Duration::ZERO,
+                            python,
+                        },
+                        row: task,
                     });
                 }
             }
@@ -415,6 +456,7 @@ impl Scheduler {
                     }
                 }
                 if self.active.contains_key(&event.run_id) {
+                    self.known.remove(&event.run_id);
                     dirty.insert(event.run_id);
                 }
             }
@@ -456,6 +498,7 @@ impl Scheduler {
     }
 
     fn untrack(&mut self, id: Id) -> Option<AnalysisRun> {
+        self.known.remove(&id);
         let run = self.active.remove(&id)?;
         if let Some(count) = self.per_workflow.get_mut(&run.workflow_id) {
             *count = count.saturating_sub(1);
@@ -464,8 +507,8 @@ impl Scheduler {
     }
 
     /// Moves ready runs to `scheduled`, within `max_active_runs` of each workflow and the
-    /// scheduler's own limit.
-    async fn claim_ready(&mut self, dirty: &mut HashSet<Id>) -> Result<()> {
+    /// scheduler's own limit, each in one commit with its first plan.
+    async fn claim_ready(&mut self) -> Result<()> {
         let mut after_id = None;
         loop {
             let room = self
@@ -515,29 +558,49 @@ impl Scheduler {
                 *planned.entry(run.workflow_id).or_default() += 1;
                 claimed.push(run);
             }
-            let sets: Vec<ChangeSet> = claimed
-                .iter()
-                .map(|run| {
-                    vec![Change::Run(RunChange {
-                        run_id: run.id,
-                        expect: RunStatus::Ready,
-                        status: RunStatus::Scheduled,
-                        error: None,
-                        started_at: None,
-                        ended_at: None,
-                        by: self.name.clone(),
-                        reason: "taken by the scheduler".to_owned(),
-                    })]
-                })
-                .collect();
-            let applied = self.commits.submit(sets).await?;
-            for (mut run, ok) in claimed.into_iter().zip(applied) {
-                if ok {
-                    run.status = RunStatus::Scheduled;
-                    dirty.insert(run.id);
-                    self.track(run).await?;
-                }
+            let ids: Vec<Id> = claimed.iter().map(|run| run.id).collect();
+            let mut tasks: HashMap<Id, Vec<crate::model::TaskInstance>> = HashMap::new();
+            for task in metrics::store_call("list_tasks", self.store.list_tasks(&ids)).await? {
+                tasks.entry(task.run_id).or_default().push(task);
             }
+            let now = Utc::now();
+            let mut sets = Vec::with_capacity(claimed.len());
+            let mut plans = Vec::with_capacity(claimed.len());
+            for run in &claimed {
+                let mut set = vec![Change::Run(RunChange {
+                    run_id: run.id,
+                    expect: RunStatus::Ready,
+                    status: RunStatus::Scheduled,
+                    error: None,
+                    started_at: None,
+                    ended_at: None,
+                    by: self.name.clone(),
+                    reason: "taken by the scheduler".to_owned(),
+                })];
+                let scheduled = AnalysisRun {
+                    status: RunStatus::Scheduled,
+                    ..run.clone()
+                };
+                let definition = &self.workflows[&run.workflow_id].definition;
+                let run_tasks = tasks.remove(&run.id).unwrap_or_default();
+                let plan = plan_run(definition, &scheduled, &run_tasks, now, &self.name);
+                set.extend(plan.changes.iter().cloned());
+                sets.push(set);
+                plans.push((plan, run_tasks));
+            }
+            let applied = self.commits.submit(sets).await?;
+            for ((mut run, (plan, run_tasks)), ok) in claimed.into_iter().zip(plans).zip(applied) {
+                if !ok {
+                    // Taken by another scheduler, or changed meanwhile: seen at the next poll.
+                    continue;
+                }
+                let id = run.id;
+                run.status = RunStatus::Scheduled;
+                self.track(run).await?;
+                self.committed(id, plan, run_tasks, false);
+            }
+            // The workers start on this page while the next is claimed.
+            self.send_unsent().await;
             if !full {
                 return Ok(());
             }
@@ -571,6 +634,7 @@ impl Scheduler {
             }
         }
         for task in expired {
+            self.known.remove(&task.run_id);
             dirty.insert(task.run_id);
         }
         Ok(())
@@ -594,8 +658,17 @@ impl Scheduler {
             .into_iter()
             .filter(|id| self.active.contains_key(id))
             .collect();
-        let mut tasks: HashMap<Id, Vec<crate::model::TaskInstance>> = HashMap::new();
-        for chunk in ids.chunks(CLAIM_PAGE) {
+        let mut tasks: HashMap<Id, Vec<TaskInstance>> = HashMap::new();
+        let mut unknown = Vec::new();
+        for &id in &ids {
+            match self.known.remove(&id) {
+                Some(known) => {
+                    tasks.insert(id, known);
+                }
+                None => unknown.push(id),
+            }
+        }
+        for chunk in unknown.chunks(CLAIM_PAGE) {
             for task in metrics::store_call("list_tasks", self.store.list_tasks(chunk)).await? {
                 tasks.entry(task.run_id).or_default().push(task);
             }
@@ -632,17 +705,19 @@ impl Scheduler {
             }
             let workflow = &self.workflows[&run.workflow_id];
             let plan = plan_run(&workflow.definition, run, &run_tasks, now, &self.name);
-            if !plan.changes.is_empty() {
+            if plan.changes.is_empty() {
+                self.learn(id, run_tasks);
+            } else {
                 let timed_out = run_deadline(&workflow.definition, run).is_some_and(|d| d <= now);
                 sets.push(plan.changes.clone());
-                plans.push((id, Step::Plan(plan, timed_out)));
+                plans.push((id, Step::Plan(plan, run_tasks, timed_out)));
             }
         }
         let applied = self.commits.submit(sets).await?;
         let mut again = HashSet::new();
         for ((id, step), ok) in plans.into_iter().zip(applied) {
-            let (plan, timed_out) = match step {
-                Step::Plan(plan, timed_out) => (plan, timed_out),
+            let (plan, run_tasks, timed_out) = match step {
+                Step::Plan(plan, run_tasks, timed_out) => (plan, run_tasks, timed_out),
                 Step::Orphan(retried) => {
                     if ok {
                         metrics::attempt_ended("lost", None, retried);
@@ -656,23 +731,96 @@ impl Scheduler {
                 again.insert(id);
                 continue;
             }
-            for change in &plan.changes {
-                if let (Change::Run(change), Some(run)) = (change, self.active.get_mut(&id)) {
-                    run.status = change.status;
-                    if change.started_at.is_some() {
-                        run.started_at = change.started_at;
-                    }
-                }
-            }
-            self.unsent.extend(plan.enqueue);
-            if let Some(status) = plan.finishes {
-                self.untrack(id);
-                info!(run = id, %status, "run finished");
-                metrics::run_finished(status, timed_out);
-                let _ = self.finished.send(RunFinished { run_id: id, status });
-            }
+            self.committed(id, plan, run_tasks, timed_out);
         }
         Ok(again)
+    }
+
+    /// Follows run `id`'s `plan`, made from `tasks`, once committed: the run's new status, its
+    /// tasks now, the tasks to send, and the run's end.
+    fn committed(&mut self, id: Id, plan: Plan, mut tasks: Vec<TaskInstance>, timed_out: bool) {
+        for change in &plan.changes {
+            match change {
+                Change::Run(change) => {
+                    if let Some(run) = self.active.get_mut(&id) {
+                        run.status = change.status;
+                        if change.started_at.is_some() {
+                            run.started_at = change.started_at;
+                        }
+                    }
+                }
+                Change::Task(change) => {
+                    if let Some(task) = tasks.iter_mut().find(|t| t.task_id == change.new.task_id) {
+                        *task = change.new.clone();
+                    }
+                }
+                Change::Lease(_) => {}
+            }
+        }
+        self.learn(id, tasks);
+        self.unsent.extend(plan.enqueue);
+        if let Some(status) = plan.finishes {
+            self.untrack(id);
+            info!(run = id, %status, "run finished");
+            metrics::run_finished(status, timed_out);
+            let _ = self.finished.send(RunFinished { run_id: id, status });
+        }
+    }
+
+    /// Keeps `tasks` as run `id`'s tasks now, room permitting.
+    fn learn(&mut self, id: Id, tasks: Vec<TaskInstance>) {
+        if self.active.contains_key(&id)
+            && (self.known.len() < KNOWN_RUNS || self.known.contains_key(&id))
+        {
+            self.known.insert(id, tasks);
+        }
+    }
+
+    /// Takes in the task rows this process's workers committed: their runs are to be planned,
+    /// at once for a task that ended, at the next poll for one that started.
+    fn note(&mut self, rows: Vec<TaskInstance>, dirty: &mut HashSet<Id>) {
+        for row in rows {
+            if !self.active.contains_key(&row.run_id) {
+                continue;
+            }
+            if row.state == TaskState::Running {
+                self.started.insert(row.run_id);
+            } else {
+                dirty.insert(row.run_id);
+            }
+            if let Some(task) = self
+                .known
+                .get_mut(&row.run_id)
+                .and_then(|tasks| tasks.iter_mut().find(|t| t.task_id == row.task_id))
+            {
+                *task = row;
+            }
+        }
+    }
+
+    /// Looks, now and then, whether workers of other processes take from this scheduler's
+    /// queue; while none does, this process's slots take every task.
+    async fn look_for_workers(&mut self) {
+        if self.local.is_none() || Instant::now() < self.next_workers_check {
+            return;
+        }
+        self.next_workers_check = Instant::now() + WORKERS_EVERY;
+        let workers = match self.store.list_workers().await {
+            Ok(workers) => workers,
+            // Keep the last answer; the next look may succeed.
+            Err(err) => {
+                debug!(error = %err, "could not read the worker list");
+                return;
+            }
+        };
+        let now = Utc::now();
+        let lost_after = self.options.worker_heartbeat * super::LOST_AFTER_HEARTBEATS;
+        let (host, pid) = (super::host_name(), std::process::id());
+        self.alone = !workers.iter().any(|w| {
+            w.queue == self.options.queue
+                && (w.host != host || w.pid != pid)
+                && !w.is_lost(now, lost_after)
+        });
     }
 
     /// Enqueues the messages of committed plans; on failure keeps them for the next pass (the
@@ -681,10 +829,18 @@ impl Scheduler {
         if self.unsent.is_empty() {
             return;
         }
-        let (python, commands): (Vec<TaskMessage>, Vec<TaskMessage>) =
+        let (python, mut commands): (Vec<QueuedTask>, Vec<QueuedTask>) =
             std::mem::take(&mut self.unsent)
                 .into_iter()
-                .partition(|m| m.python);
+                .partition(|m| m.message.python);
+        if let Some(local) = &self.local {
+            // A retry's backoff is the queue's delay; everything else may go straight to a slot.
+            let (now, later): (Vec<QueuedTask>, Vec<QueuedTask>) = commands
+                .into_iter()
+                .partition(|m| m.message.delay.is_zero());
+            commands = local.hand_over(now, self.alone);
+            commands.extend(later);
+        }
         for (queue, batch) in [
             (self.options.queue.clone(), commands),
             (python_queue(&self.options.queue), python),
@@ -695,8 +851,8 @@ impl Scheduler {
             let messages: Vec<NewMessage> = batch
                 .iter()
                 .map(|m| {
-                    let payload = serde_json::to_vec(m).unwrap_or_default();
-                    NewMessage::new(payload).with_delay(m.delay)
+                    let payload = serde_json::to_vec(&m.message).unwrap_or_default();
+                    NewMessage::new(payload).with_delay(m.message.delay)
                 })
                 .collect();
             let enqueue = self.queue.enqueue(&queue, messages);

@@ -13,8 +13,9 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::batch::Batcher;
+use super::handoff::Handoff;
 use super::metrics;
-use super::plan::TaskMessage;
+use super::plan::{QueuedTask, TaskMessage};
 use super::{
     EngineOptions, LOST_AFTER_HEARTBEATS, Stats, VERSION, host_name, retry, worker_is_gone,
 };
@@ -77,7 +78,8 @@ struct Claimed {
     task: TaskInstance,
     workflow: Id,
     config: uuid::Uuid,
-    tag: DeliveryTag,
+    /// The queue delivery that carried the task; none for a task handed over in memory.
+    tag: Option<DeliveryTag>,
     renewal: Renewal,
 }
 
@@ -103,6 +105,8 @@ pub(crate) struct Worker {
     pub executor: Arc<DynExecutor>,
     pub commits: Batcher<ChangeSet, bool>,
     pub acks: Batcher<DeliveryTag, bool>,
+    /// Tasks this process's scheduler hands over without the queue ([`Worker::hand_over`]).
+    handoff: Handoff,
     pub options: EngineOptions,
     pub stats: Arc<Stats>,
     pub name: String,
@@ -136,6 +140,7 @@ impl Worker {
             executor,
             commits,
             acks,
+            handoff: Handoff::default(),
             options,
             stats,
             name,
@@ -221,12 +226,12 @@ impl Worker {
         }
     }
 
+    /// Takes attempts from the queue and starts them until shutdown.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
-        let slots = self.slots.clone();
         loop {
             // Registered before looking, so that a change after the look still wakes it.
             let moved = self.moved.notified();
-            let Some(want) = self.want() else {
+            let Some(want) = self.want(self.handoff.len()) else {
                 tokio::select! {
                     () = moved => {}
                     () = shutdown.cancelled() => return Ok(()),
@@ -244,7 +249,7 @@ impl Worker {
             };
             match deliveries {
                 Ok(deliveries) if deliveries.is_empty() => {}
-                Ok(deliveries) => match self.clone().start(deliveries, &slots, &shutdown).await {
+                Ok(deliveries) => match self.clone().start_delivered(deliveries, &shutdown).await {
                     Ok(()) => {}
                     // The messages come back when their leases end.
                     Err(err) if err.is_retryable() => {
@@ -262,16 +267,50 @@ impl Worker {
         }
     }
 
-    /// How many attempts to take from the queue now, if any: enough for the free slots and,
-    /// while attempts are short, for [`PREFETCH_HORIZON`] of work per slot beyond them, less
-    /// those already claimed and waiting for a slot. Taking the next ones while the last ones
-    /// run keeps the slots busy across the queue's and the store's round trips; waiting until
-    /// half the backlog has started keeps those takes few and large.
-    fn want(&self) -> Option<usize> {
+    /// Takes the tasks this process's scheduler hands over and starts them until shutdown.
+    pub async fn run_handed(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
+        loop {
+            let moved = self.moved.notified();
+            if self.handoff.len() == 0 {
+                tokio::select! {
+                    () = self.handoff.arrived() => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+                continue;
+            }
+            let Some(want) = self.want(0) else {
+                tokio::select! {
+                    () = moved => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+                continue;
+            };
+            let handed = self.handoff.take(want);
+            if let Err(err) = self.clone().start_handed(handed.clone(), &shutdown).await {
+                if !err.is_retryable() {
+                    return Err(err);
+                }
+                // Nothing else would send them again while this process lives.
+                warn!(error = %err, "store unavailable; retrying in 1 s");
+                self.handoff.push(handed);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+
+    /// How many attempts to take now, if any, with `pending` more already on their way: enough
+    /// for the free slots and, while attempts are short, for [`PREFETCH_HORIZON`] of work per
+    /// slot beyond them, less those already claimed and waiting for a slot. Taking the next ones
+    /// while the last ones run keeps the slots busy across the queue's and the store's round
+    /// trips; waiting until half the backlog has started keeps those takes few and large.
+    fn want(&self, pending: usize) -> Option<usize> {
         let free = self.slots.available_permits();
         let ahead = self.options.slots * self.prefetch_per_slot();
         let target = free + ahead;
-        let waiting = self.waiting.load(Ordering::Acquire);
+        let waiting = self.waiting.load(Ordering::Acquire) + pending;
         let refill = waiting == 0 || waiting <= ahead / 2;
         (refill && target > waiting).then(|| target - waiting)
     }
@@ -284,11 +323,25 @@ impl Worker {
         ((PREFETCH_HORIZON.as_micros() as u64 / mean) as usize).min(MAX_PREFETCH_PER_SLOT)
     }
 
-    /// Claims the delivered attempts in one commit and starts those it won.
-    async fn start(
+    /// Takes over the tasks this process's slots would take from the queue now, or all of them
+    /// when no other worker takes from the queue (`alone`); gives back the rest, for the queue.
+    pub fn hand_over(&self, mut tasks: Vec<QueuedTask>, alone: bool) -> Vec<QueuedTask> {
+        let room = if alone {
+            tasks.len()
+        } else {
+            let target =
+                self.slots.available_permits() + self.options.slots * self.prefetch_per_slot();
+            target.saturating_sub(self.waiting.load(Ordering::Acquire) + self.handoff.len())
+        };
+        let rest = tasks.split_off(room.min(tasks.len()));
+        self.handoff.push(tasks);
+        rest
+    }
+
+    /// Claims the attempts the queue delivered, with the tasks as stored.
+    async fn start_delivered(
         self: Arc<Self>,
         deliveries: Vec<Delivery>,
-        slots: &Arc<Semaphore>,
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let mut messages = Vec::with_capacity(deliveries.len());
@@ -305,62 +358,91 @@ impl Worker {
         let mut run_ids: Vec<Id> = messages.iter().map(|(m, _)| m.run).collect();
         run_ids.sort_unstable();
         run_ids.dedup();
-        let tasks: HashMap<(Id, String), TaskInstance> =
+        let mut tasks: HashMap<(Id, String), TaskInstance> =
             metrics::store_call("list_tasks", self.store.list_tasks(&run_ids))
                 .await?
                 .into_iter()
                 .map(|t| ((t.run_id, t.task_id.clone()), t))
                 .collect();
+        let mut found = Vec::with_capacity(messages.len());
+        for (message, tag) in messages {
+            match tasks.remove(&(message.run, message.task.clone())) {
+                Some(task) => found.push((message, task, Some(tag))),
+                None => stale.push(tag),
+            }
+        }
+        if !stale.is_empty() {
+            self.acks.submit(stale).await?;
+        }
+        self.start(found, shutdown).await
+    }
 
+    /// Claims the attempts handed over, with the tasks as the scheduler committed them.
+    async fn start_handed(
+        self: Arc<Self>,
+        handed: Vec<QueuedTask>,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let found = handed
+            .into_iter()
+            .map(|h| (h.message, h.row, None))
+            .collect();
+        self.start(found, shutdown).await
+    }
+
+    /// Claims the attempts in one commit, each if its task is still queued at the message's
+    /// try, and starts those it won.
+    async fn start(
+        self: Arc<Self>,
+        found: Vec<(TaskMessage, TaskInstance, Option<DeliveryTag>)>,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
         let now = Utc::now();
         let lease_until = now + self.options.lease;
         let mut claims = Vec::new();
         let mut sets = Vec::new();
-        for (message, tag) in messages {
-            let current = tasks.get(&(message.run, message.task.clone()));
-            match current {
-                Some(task)
-                    if task.state == TaskState::Queued && task.try_number == message.try_number =>
-                {
-                    let new = TaskInstance {
-                        state: TaskState::Running,
-                        token: Some(new_token()),
-                        lease_until: Some(lease_until),
-                        worker: Some(self.options.name.clone()),
-                        first_started_at: task.first_started_at.or(Some(now)),
-                        started_at: Some(now),
-                        ended_at: None,
-                        exit_code: None,
-                        error: None,
-                        ..task.clone()
-                    };
-                    sets.push(vec![Change::Task(TaskChange {
-                        expect: TaskExpect::of(task),
-                        new: new.clone(),
-                        by: self.name.clone(),
-                        reason: format!("attempt {} started", new.try_number),
-                    })]);
-                    claims.push((new, message.workflow, message.config, tag));
-                }
+        let mut stale = Vec::new();
+        for (message, task, tag) in found {
+            if task.state != TaskState::Queued || task.try_number != message.try_number {
                 // The task moved on (a duplicate message, a cancelled run): nothing to do.
-                _ => stale.push(tag),
+                stale.extend(tag);
+                continue;
             }
+            let new = TaskInstance {
+                state: TaskState::Running,
+                token: Some(new_token()),
+                lease_until: Some(lease_until),
+                worker: Some(self.options.name.clone()),
+                first_started_at: task.first_started_at.or(Some(now)),
+                started_at: Some(now),
+                ended_at: None,
+                exit_code: None,
+                error: None,
+                ..task.clone()
+            };
+            sets.push(vec![Change::Task(TaskChange {
+                expect: TaskExpect::of(&task),
+                new: new.clone(),
+                by: self.name.clone(),
+                reason: format!("attempt {} started", new.try_number),
+            })]);
+            claims.push((new, message.workflow, message.config, tag));
         }
         let won = self.commits.submit(sets).await?;
         self.prefetch_configs(claims.iter().map(|(_, _, config, _)| *config))
             .await?;
         for ((task, workflow, config, tag), ok) in claims.into_iter().zip(won) {
             if !ok {
-                stale.push(tag);
+                stale.extend(tag);
                 continue;
             }
             // The attempt waits for its slot on its own, so that the next attempts are taken
-            // from the queue meanwhile; the semaphore hands slots out in the order asked. Its
-            // lease is renewed from now on, however long it waits.
+            // meanwhile; the semaphore hands slots out in the order asked. Its lease is renewed
+            // from now on, however long it waits.
             let renewal = self.clone().renew(&task, tag);
             self.waiting.fetch_add(1, Ordering::AcqRel);
             let worker = self.clone();
-            let slots = slots.clone();
+            let slots = self.slots.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let permit = tokio::select! {
@@ -368,7 +450,7 @@ impl Worker {
                     () = shutdown.cancelled() => None,
                 };
                 worker.waiting.fetch_sub(1, Ordering::AcqRel);
-                worker.moved.notify_one();
+                worker.moved.notify_waiters();
                 // Closed slots or a shutdown: the lease brings the task back.
                 let Some(permit) = permit else { return };
                 let attempt = Claimed {
@@ -528,7 +610,7 @@ impl Worker {
         };
         drop(renewal);
         drop(permit);
-        self.moved.notify_one();
+        self.moved.notify_waiters();
         let Some(finished) = finished else {
             // Shutting down: kill the attempt and give the task back at once rather than at the
             // end of its lease. If the process ends first, the lease still brings it back.
@@ -554,7 +636,7 @@ impl Worker {
         if lost.is_cancelled() {
             info!(run = run_id, task = %task.task_id, "attempt stopped: the task is no longer this worker's");
             metrics::attempt_ended("cancelled", Some(took), false);
-            self.acks.submit(vec![tag]).await?;
+            self.ack(tag).await?;
             return Ok(());
         }
         let new = retry::after_attempt(&def, &task, &finished.outcome, Utc::now());
@@ -592,12 +674,19 @@ impl Worker {
             let outcome = metrics::outcome_label(&finished.outcome);
             metrics::attempt_ended(outcome, Some(took), retried);
         }
-        self.acks.submit(vec![tag]).await?;
+        self.ack(tag).await
+    }
+
+    /// Acks the delivery that carried an attempt, if a queue delivered it.
+    async fn ack(&self, tag: Option<DeliveryTag>) -> Result<()> {
+        if let Some(tag) = tag {
+            self.acks.submit(vec![tag]).await?;
+        }
         Ok(())
     }
 
     /// Starts renewing the lease of the attempt claimed for `task`.
-    fn renew(self: Arc<Self>, task: &TaskInstance, tag: DeliveryTag) -> Renewal {
+    fn renew(self: Arc<Self>, task: &TaskInstance, tag: Option<DeliveryTag>) -> Renewal {
         let cancel = CancellationToken::new();
         let lost = CancellationToken::new();
         let token = task.token.unwrap_or_default();
@@ -615,7 +704,7 @@ impl Worker {
         self: Arc<Self>,
         task: &TaskInstance,
         token: i64,
-        tag: DeliveryTag,
+        tag: Option<DeliveryTag>,
         cancel: CancellationToken,
         lost: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -633,9 +722,11 @@ impl Worker {
                 });
                 match self.commits.submit(vec![vec![change]]).await {
                     Ok(ok) if ok.first() == Some(&true) => {
-                        let tags = [tag];
-                        let extend = self.queue.extend(&tags, self.options.lease);
-                        let _ = metrics::queue_call("extend", extend).await;
+                        if let Some(tag) = tag {
+                            let tags = [tag];
+                            let extend = self.queue.extend(&tags, self.options.lease);
+                            let _ = metrics::queue_call("extend", extend).await;
+                        }
                     }
                     Ok(_) => {
                         lost.cancel();
