@@ -5,6 +5,7 @@
 
 mod config;
 mod queue;
+mod reader;
 mod store;
 mod writer;
 

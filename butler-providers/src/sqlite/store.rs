@@ -20,6 +20,7 @@ use butler_core::model::{
 };
 use butler_core::{BoxError, Error, Kind, Result, RunStore};
 use chrono::{DateTime, NaiveDate, Utc};
+use rusqlite::types::Value;
 use sqlx::error::ErrorKind;
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::sqlite::{
@@ -29,7 +30,8 @@ use sqlx::{AssertSqlSafe, Row, SqliteConnection, SqlitePool, SqliteTransaction};
 use uuid::Uuid;
 
 use super::config::{Durability, SqliteConfig};
-use super::writer::Writer;
+use super::reader::Reader;
+use super::writer::{Writer, sqlite_error};
 
 /// The migrations of the tracker and the queue, applied by [`SqliteStore::open`].
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -58,6 +60,8 @@ pub struct SqliteStore {
     /// The connection that runs the engine's hot writes (`apply`), shared with the queue; it
     /// also holds an in-memory database open while the pool opens and closes its connections.
     writer: Arc<Writer>,
+    /// The connection that runs the engine's hot reads, shared by the stores on the database.
+    reader: Arc<Reader>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -106,10 +110,12 @@ impl SqliteStore {
         // Before the migrations, so an in-memory database is held from here on.
         let writer = Writer::shared(&pool, true, &location).await?;
         migrate(&pool, &location).await?;
+        let reader = Reader::shared(writer.target(), &location).await?;
         Ok(SqliteStore {
             pool,
             config: Arc::new(config.clone()),
             writer,
+            reader,
         })
     }
 
@@ -132,6 +138,7 @@ impl SqliteStore {
     /// unavailable.
     pub async fn close(&self) {
         self.writer.close();
+        self.reader.close();
         self.pool.close().await;
     }
 
@@ -154,14 +161,25 @@ impl SqliteStore {
     }
 
     fn corrupt(&self, what: &str, source: BoxError) -> Error {
-        Error::backend(
-            format!(
-                "{what} in {} cannot be read; the database may have been changed by hand or \
-                 by a newer butler",
-                describe(&self.config)
-            ),
-            source,
-        )
+        corrupt(&describe(&self.config), what, source)
+    }
+
+    /// Runs `read` on the reader's thread, with the context of its errors; `doing` names it.
+    async fn read<T, F>(&self, doing: String, read: F) -> Result<T>
+    where
+        F: FnOnce(&rusqlite::Connection, Context<'_>) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let location = describe(&self.config);
+        self.reader
+            .run(&doing.clone(), move |conn| {
+                let cx = Context {
+                    location: &location,
+                    doing: &doing,
+                };
+                read(conn, cx)
+            })
+            .await
     }
 
     async fn exists(
@@ -466,25 +484,23 @@ impl RunStore for SqliteStore {
         }
         let ids_json = serde_json::to_string(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>())
             .map_err(|e| Error::backend("encode config ids", e))?;
-        let rows = sqlx::query(
-            "SELECT id, data, sha256 FROM configs WHERE id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(ids_json)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.fail(&format!("read {} configs", ids.len()), e))?;
-        rows.iter()
-            .map(|row| {
-                let decode = || -> Decoded<Config> {
-                    Ok(Config {
-                        id: row.try_get::<&str, _>(0)?.parse()?,
-                        data: serde_json::from_str(row.try_get::<&str, _>(1)?)?,
-                        sha256: row.try_get(2)?,
-                    })
-                };
-                decode().map_err(|e| self.corrupt("a config", e))
+        self.read(format!("read {} configs", ids.len()), move |conn, cx| {
+            let mut statement = conn
+                .prepare_cached(
+                    "SELECT id, data, sha256 FROM configs \
+                     WHERE id IN (SELECT value FROM json_each(?))",
+                )
+                .map_err(|e| cx.fail(&e))?;
+            let rows = statement.query([ids_json]).map_err(|e| cx.fail(&e))?;
+            decode_all(rows, cx, "a config", |row| {
+                Ok(Config {
+                    id: text(row, 0)?.parse()?,
+                    data: serde_json::from_str(text(row, 1)?)?,
+                    sha256: row.get(2)?,
+                })
             })
-            .collect()
+        })
+        .await
     }
 
     async fn create_runs(&self, launch: NewRuns) -> Result<Vec<AnalysisRun>> {
@@ -556,14 +572,17 @@ impl RunStore for SqliteStore {
     }
 
     async fn get_run(&self, id: Id) -> Result<AnalysisRun> {
-        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?");
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.fail(&format!("read run {id}"), e))?
-            .ok_or_else(|| Error::not_found(Kind::Run, id))?;
-        run_from_row(&row).map_err(|e| self.corrupt(&format!("run {id}"), e))
+        self.read(format!("read run {id}"), move |conn, cx| {
+            let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?");
+            let mut statement = conn.prepare_cached(&sql).map_err(|e| cx.fail(&e))?;
+            let mut rows = statement.query([id]).map_err(|e| cx.fail(&e))?;
+            let row = rows
+                .next()
+                .map_err(|e| cx.fail(&e))?
+                .ok_or_else(|| Error::not_found(Kind::Run, id))?;
+            run_from_row(row).map_err(|e| cx.corrupt(&format!("run {id}"), e))
+        })
+        .await
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<AnalysisRun>> {
@@ -600,30 +619,25 @@ impl RunStore for SqliteStore {
         if filter.limit.is_some() {
             sql.push_str(" LIMIT ?");
         }
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        if let Some(id) = filter.workflow_id {
-            query = query.bind(id);
-        }
-        if let Some(id) = filter.analysis_id {
-            query = query.bind(id);
-        }
-        if let Some(status) = filter.status {
-            query = query.bind(status.as_str());
-        }
-        if let Some(id) = filter.after_id {
-            query = query.bind(id);
-        }
-        if let Some(limit) = filter.limit {
-            query = query.bind(i64::from(limit));
-        }
-        let rows = query
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.fail("list runs", e))?;
-        rows.iter()
-            .map(run_from_row)
-            .collect::<Decoded<_>>()
-            .map_err(|e| self.corrupt("a run", e))
+        // In the order of the conditions above.
+        let values: Vec<Value> = [
+            filter.workflow_id.map(Value::Integer),
+            filter.analysis_id.map(Value::Integer),
+            filter.status.map(|s| Value::Text(s.as_str().to_owned())),
+            filter.after_id.map(Value::Integer),
+            filter.limit.map(|n| Value::Integer(i64::from(n))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        self.read("list runs".to_owned(), move |conn, cx| {
+            let mut statement = conn.prepare_cached(&sql).map_err(|e| cx.fail(&e))?;
+            let rows = statement
+                .query(rusqlite::params_from_iter(values))
+                .map_err(|e| cx.fail(&e))?;
+            decode_all(rows, cx, "a run", run_from_row)
+        })
+        .await
     }
 
     async fn count_runs(&self, filter: &RunFilter) -> Result<BTreeMap<RunStatus, u64>> {
@@ -826,6 +840,56 @@ impl RunStore for SqliteStore {
 
 type Decoded<T> = std::result::Result<T, BoxError>;
 
+/// Where a call on the writer's or the reader's connection runs and what it does, for its
+/// errors.
+#[derive(Debug, Clone, Copy)]
+struct Context<'c> {
+    /// The database, as named in messages.
+    location: &'c str,
+    /// The call, as named in messages.
+    doing: &'c str,
+}
+
+impl Context<'_> {
+    fn fail(&self, err: &rusqlite::Error) -> Error {
+        sqlite_error(self.location, self.doing, err)
+    }
+
+    fn corrupt(&self, what: &str, source: BoxError) -> Error {
+        corrupt(self.location, what, source)
+    }
+}
+
+/// The error of `what` (a row) in the database `location` names, which cannot be decoded.
+fn corrupt(location: &str, what: &str, source: BoxError) -> Error {
+    Error::backend(
+        format!(
+            "{what} in {location} cannot be read; the database may have been changed by hand or \
+             by a newer butler"
+        ),
+        source,
+    )
+}
+
+/// Decodes each of `rows` with `decode`; a row it cannot read is `what`, corrupt.
+fn decode_all<T>(
+    mut rows: rusqlite::Rows<'_>,
+    cx: Context<'_>,
+    what: &str,
+    decode: impl Fn(&rusqlite::Row<'_>) -> Decoded<T>,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(|e| cx.fail(&e))? {
+        out.push(decode(row).map_err(|e| cx.corrupt(what, e))?);
+    }
+    Ok(out)
+}
+
+/// The text in column `index` of `row`, borrowed.
+fn text<'r>(row: &'r rusqlite::Row<'_>, index: usize) -> Decoded<&'r str> {
+    Ok(row.get_ref(index)?.as_str()?)
+}
+
 /// A random UUID that sorts after those made in earlier milliseconds (the layout of UUID v7).
 ///
 /// Config ids are keys of a B-tree: random ids spread a launch's inserts over the whole index,
@@ -879,21 +943,22 @@ fn analysis_from_row(row: &SqliteRow) -> Decoded<Analysis> {
 }
 
 /// Reads a row selected with [`RUN_COLUMNS`].
-fn run_from_row(row: &SqliteRow) -> Decoded<AnalysisRun> {
+fn run_from_row(row: &rusqlite::Row<'_>) -> Decoded<AnalysisRun> {
+    let uuid = |index: usize| -> Decoded<Uuid> { Ok(Uuid::parse_str(text(row, index)?)?) };
     Ok(AnalysisRun {
-        id: row.try_get(0)?,
-        workflow_id: row.try_get(1)?,
-        analysis_id: row.try_get(2)?,
-        status: row.try_get::<&str, _>(3)?.parse()?,
-        workflow_config_id: uuid_at(row, 4)?,
-        analysis_config_id: uuid_at(row, 5)?,
-        run_config_id: uuid_at(row, 6)?,
-        effective_config_id: uuid_at(row, 7)?,
-        source_file: row.try_get(8)?,
-        error: row.try_get(9)?,
-        created_at: from_ms(row.try_get(10)?)?,
-        started_at: opt_from_ms(row.try_get(11)?)?,
-        ended_at: opt_from_ms(row.try_get(12)?)?,
+        id: row.get(0)?,
+        workflow_id: row.get(1)?,
+        analysis_id: row.get(2)?,
+        status: text(row, 3)?.parse()?,
+        workflow_config_id: uuid(4)?,
+        analysis_config_id: uuid(5)?,
+        run_config_id: uuid(6)?,
+        effective_config_id: uuid(7)?,
+        source_file: row.get(8)?,
+        error: row.get(9)?,
+        created_at: from_ms(row.get(10)?)?,
+        started_at: opt_from_ms(row.get(11)?)?,
+        ended_at: opt_from_ms(row.get(12)?)?,
     })
 }
 

@@ -40,7 +40,8 @@ const STATEMENT_CACHE: usize = 64;
 /// commits share one.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
-/// The connection a [`Writer`] opens: the file, and the settings its pool runs with.
+/// The connection a [`Writer`] (and a reader of the same database) opens: the file, and the
+/// settings its pool runs with.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Target {
     /// The database file as SQLite names it, or the name of an in-memory database.
@@ -290,6 +291,11 @@ impl Writer {
     /// The database, as named in messages.
     pub(crate) fn location(&self) -> &Arc<str> {
         &self.location
+    }
+
+    /// What the writer opened, for a reader of the same database.
+    pub(crate) fn target(&self) -> &Target {
+        &self.target
     }
 
     /// Runs `work` on the writer's connection inside a write transaction, and answers once that

@@ -529,6 +529,66 @@ async fn a_write_blocked_past_the_busy_timeout_is_unavailable() {
 }
 
 #[tokio::test]
+async fn a_row_that_cannot_be_decoded_is_named_and_not_retried() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let (workflow, analysis) = setup(&store, "corrupt").await;
+    let run = store
+        .create_runs(new_runs(&workflow, &analysis, "corrupt", 1))
+        .await
+        .expect("launch")
+        .remove(0);
+    for sql in [
+        "UPDATE tasks SET queued_at = 9223372036854775807 WHERE run_id = ?1",
+        "UPDATE runs SET created_at = 9223372036854775807 WHERE id = ?1",
+        "UPDATE configs SET data = 'not json' \
+         WHERE id = (SELECT effective_config_id FROM runs WHERE id = ?1)",
+        "INSERT INTO events (at, run_id, from_state, to_state, by_whom, reason) \
+         VALUES (0, ?1, 'ready', 'scheduled', 'test', 'test'), \
+         (9223372036854775807, ?1, 'ready', 'scheduled', 'test', 'test')",
+    ] {
+        sqlx::query(sql)
+            .bind(run.id)
+            .execute(store.pool())
+            .await
+            .expect("corrupt");
+    }
+    let events = EventFilter {
+        not_by_suffix: None,
+        run_id: None,
+        after: 0,
+        limit: 10,
+    };
+    let run_what = format!("run {}", run.id);
+    let errors = [
+        ("a task", store.list_tasks(&[run.id]).await.map(drop)),
+        (run_what.as_str(), store.get_run(run.id).await.map(drop)),
+        (
+            "a run",
+            store.list_runs(&RunFilter::default()).await.map(drop),
+        ),
+        (
+            "a config",
+            store
+                .get_configs(&[run.effective_config_id])
+                .await
+                .map(drop),
+        ),
+        ("an event", store.list_events(&events).await.map(drop)),
+    ];
+    let location = format!("the SQLite database {}", db.path.display());
+    for (what, result) in errors {
+        let err = result.expect_err(what);
+        assert!(!err.is_retryable(), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{what} in {location} cannot be read")),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_launch_of_ten_thousand_runs_is_one_quick_transaction() {
     let db = TempDb::new();
     let store = db.open().await;

@@ -8,10 +8,11 @@ use butler_core::change::ChangeSet;
 use butler_core::model::{Event, EventFilter, Id, TaskInstance, TaskState};
 use butler_core::{Error, Result};
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 
-use super::{Decoded, SqliteStore, describe, from_ms, now_ms, opt_from_ms};
+use super::{
+    Context, Decoded, SqliteStore, decode_all, describe, from_ms, now_ms, opt_from_ms, text,
+};
 
 /// The columns of `tasks` in the order [`task_from_row`] reads them.
 const TASK_COLUMNS: &str = "run_id, task_id, state, try_number, failures, token, lease_until, \
@@ -42,7 +43,7 @@ impl SqliteStore {
         let location = describe(&self.config);
         self.writer
             .run(doing.clone(), move |conn| {
-                let cx = apply::Context {
+                let cx = Context {
                     location: &location,
                     doing: &doing,
                 };
@@ -60,16 +61,17 @@ impl SqliteStore {
         // no limit on bound values.
         let json = serde_json::to_string(run_ids)
             .map_err(|e| Error::backend("cannot list tasks: bad run ids", e))?;
-        let sql = format!(
-            "SELECT {TASK_COLUMNS} FROM tasks \
-             WHERE run_id IN (SELECT value FROM json_each(?)) ORDER BY run_id, position"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(json)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.fail(&format!("list the tasks of {} run(s)", run_ids.len()), e))?;
-        self.tasks_from_rows(&rows)
+        let doing = format!("list the tasks of {} run(s)", run_ids.len());
+        self.read(doing, move |conn, cx| {
+            let sql = format!(
+                "SELECT {TASK_COLUMNS} FROM tasks \
+                 WHERE run_id IN (SELECT value FROM json_each(?)) ORDER BY run_id, position"
+            );
+            let mut statement = conn.prepare_cached(&sql).map_err(|e| cx.fail(&e))?;
+            let rows = statement.query([json]).map_err(|e| cx.fail(&e))?;
+            decode_all(rows, cx, "a task", task_from_row)
+        })
+        .await
     }
 
     /// [`butler_core::RunStore::expired_leases`].
@@ -78,64 +80,63 @@ impl SqliteStore {
         now: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<TaskInstance>> {
-        let sql = format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'running' AND lease_until < ? \
-             ORDER BY lease_until LIMIT ?"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(now.timestamp_millis())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.fail("look for expired task leases", e))?;
-        self.tasks_from_rows(&rows)
+        let doing = "look for expired task leases".to_owned();
+        self.read(doing, move |conn, cx| {
+            let sql = format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'running' AND lease_until < ? \
+                 ORDER BY lease_until LIMIT ?"
+            );
+            let mut statement = conn.prepare_cached(&sql).map_err(|e| cx.fail(&e))?;
+            let rows = statement
+                .query((now.timestamp_millis(), i64::from(limit)))
+                .map_err(|e| cx.fail(&e))?;
+            decode_all(rows, cx, "a task", task_from_row)
+        })
+        .await
     }
 
     /// [`butler_core::RunStore::list_events`].
     pub(super) async fn select_events(&self, filter: &EventFilter) -> Result<Vec<Event>> {
-        let limit = i64::from(filter.limit);
-        // `?2 IS NULL OR …` keeps one statement, cached, for both forms of the filter.
-        let not_by = "(?2 IS NULL OR substr(by_whom, -length(?2)) IS NOT ?2)";
-        let query = match filter.run_id {
-            Some(run_id) => sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 AND {not_by} \
-                 AND run_id = ?4 ORDER BY id LIMIT ?3"
-            )))
-            .bind(filter.after)
-            .bind(filter.not_by_suffix.as_deref())
-            .bind(limit)
-            .bind(run_id),
-            None => sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 AND {not_by} \
-                 ORDER BY id LIMIT ?3"
-            )))
-            .bind(filter.after)
-            .bind(filter.not_by_suffix.as_deref())
-            .bind(limit),
-        };
-        let rows = query
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.fail("list events", e))?;
-        rows.iter()
-            .map(event_from_row)
-            .collect::<Decoded<_>>()
-            .map_err(|e| self.corrupt("an event", e))
+        let EventFilter {
+            after,
+            limit,
+            run_id,
+            ..
+        } = *filter;
+        let not_by_suffix = filter.not_by_suffix.clone();
+        self.read("list events".to_owned(), move |conn, cx| {
+            // `?2 IS NULL OR …` keeps one statement, cached, for both forms of the filter.
+            let not_by = "(?2 IS NULL OR substr(by_whom, -length(?2)) IS NOT ?2)";
+            let sql = match run_id {
+                Some(_) => format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 AND {not_by} \
+                     AND run_id = ?4 ORDER BY id LIMIT ?3"
+                ),
+                None => format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 AND {not_by} \
+                     ORDER BY id LIMIT ?3"
+                ),
+            };
+            let mut statement = conn.prepare_cached(&sql).map_err(|e| cx.fail(&e))?;
+            let limit = i64::from(limit);
+            let rows = match run_id {
+                Some(run_id) => statement.query((after, &not_by_suffix, limit, run_id)),
+                None => statement.query((after, &not_by_suffix, limit)),
+            }
+            .map_err(|e| cx.fail(&e))?;
+            decode_all(rows, cx, "an event", event_from_row)
+        })
+        .await
     }
 
     /// [`butler_core::RunStore::last_event_id`].
     pub(super) async fn select_last_event_id(&self) -> Result<Id> {
-        sqlx::query_scalar::<_, Id>("SELECT coalesce(max(id), 0) FROM events")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.fail("read the last event id", e))
-    }
-
-    fn tasks_from_rows(&self, rows: &[SqliteRow]) -> Result<Vec<TaskInstance>> {
-        rows.iter()
-            .map(task_from_row)
-            .collect::<Decoded<_>>()
-            .map_err(|e| self.corrupt("a task", e))
+        self.read("read the last event id".to_owned(), |conn, cx| {
+            conn.prepare_cached("SELECT coalesce(max(id), 0) FROM events")
+                .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
+                .map_err(|e| cx.fail(&e))
+        })
+        .await
     }
 }
 
@@ -176,44 +177,43 @@ pub(super) async fn insert_tasks(
 }
 
 /// Reads a row selected with [`TASK_COLUMNS`].
-fn task_from_row(row: &SqliteRow) -> Decoded<TaskInstance> {
-    let count =
-        |index: usize| -> Decoded<u32> { Ok(u32::try_from(row.try_get::<i64, _>(index)?)?) };
+fn task_from_row(row: &rusqlite::Row<'_>) -> Decoded<TaskInstance> {
+    let count = |index: usize| -> Decoded<u32> { Ok(u32::try_from(row.get::<_, i64>(index)?)?) };
     Ok(TaskInstance {
-        run_id: row.try_get(0)?,
-        task_id: row.try_get(1)?,
-        state: row.try_get::<&str, _>(2)?.parse::<TaskState>()?,
+        run_id: row.get(0)?,
+        task_id: row.get(1)?,
+        state: text(row, 2)?.parse::<TaskState>()?,
         try_number: count(3)?,
         failures: count(4)?,
-        token: row.try_get(5)?,
-        lease_until: opt_from_ms(row.try_get(6)?)?,
-        worker: row.try_get(7)?,
-        queued_at: opt_from_ms(row.try_get(8)?)?,
-        first_started_at: opt_from_ms(row.try_get(9)?)?,
-        started_at: opt_from_ms(row.try_get(10)?)?,
-        ended_at: opt_from_ms(row.try_get(11)?)?,
-        next_try_at: opt_from_ms(row.try_get(12)?)?,
-        exit_code: row.try_get(13)?,
-        error: row.try_get(14)?,
+        token: row.get(5)?,
+        lease_until: opt_from_ms(row.get(6)?)?,
+        worker: row.get(7)?,
+        queued_at: opt_from_ms(row.get(8)?)?,
+        first_started_at: opt_from_ms(row.get(9)?)?,
+        started_at: opt_from_ms(row.get(10)?)?,
+        ended_at: opt_from_ms(row.get(11)?)?,
+        next_try_at: opt_from_ms(row.get(12)?)?,
+        exit_code: row.get(13)?,
+        error: row.get(14)?,
     })
 }
 
 /// Reads a row selected with [`EVENT_COLUMNS`].
-fn event_from_row(row: &SqliteRow) -> Decoded<Event> {
+fn event_from_row(row: &rusqlite::Row<'_>) -> Decoded<Event> {
     let try_number = row
-        .try_get::<Option<i64>, _>(4)?
+        .get::<_, Option<i64>>(4)?
         .map(u32::try_from)
         .transpose()?;
     Ok(Event {
-        id: row.try_get(0)?,
-        at: from_ms(row.try_get(1)?)?,
-        run_id: row.try_get(2)?,
-        task_id: row.try_get(3)?,
+        id: row.get(0)?,
+        at: from_ms(row.get(1)?)?,
+        run_id: row.get(2)?,
+        task_id: row.get(3)?,
         try_number,
-        from: row.try_get(5)?,
-        to: row.try_get(6)?,
-        by: row.try_get(7)?,
-        reason: row.try_get(8)?,
+        from: row.get(5)?,
+        to: row.get(6)?,
+        by: row.get(7)?,
+        reason: row.get(8)?,
     })
 }
 

@@ -9,12 +9,11 @@
 use butler_core::change::ChangeSet;
 use butler_core::change::decide::{NewEvent, Rows, TaskWrite};
 use butler_core::model::{RunStatus, TaskState};
-use butler_core::{BoxError, Error, Result};
+use butler_core::{Error, Result};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension};
 
-use super::super::Decoded;
-use crate::sqlite::writer::sqlite_error;
+use super::super::{Context, Decoded};
 
 /// The expectation columns of task (`?1`, `?2`).
 const READ_TASK: &str = "SELECT state, try_number, token FROM tasks \
@@ -44,32 +43,6 @@ const WRITE_RUN: &str = "UPDATE runs SET status = ?2, error = ?3, \
 const WRITE_EVENT: &str = "INSERT INTO events \
                            (at, run_id, task_id, try_number, from_state, to_state, by_whom, \
                            reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-
-/// Where a call runs and what it does, for its errors.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Context<'c> {
-    /// The database, as named in messages.
-    pub location: &'c str,
-    /// The call, as named in messages.
-    pub doing: &'c str,
-}
-
-impl Context<'_> {
-    fn fail(&self, err: &rusqlite::Error) -> Error {
-        sqlite_error(self.location, self.doing, err)
-    }
-
-    fn corrupt(&self, what: &str, source: BoxError) -> Error {
-        Error::backend(
-            format!(
-                "{what} in {} cannot be read; the database may have been changed by hand or \
-                 by a newer butler",
-                self.location
-            ),
-            source,
-        )
-    }
-}
 
 /// Applies `sets` on `conn`, inside a write transaction its caller commits, logging events at
 /// `at` (milliseconds).
