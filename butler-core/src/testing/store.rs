@@ -6,6 +6,7 @@
 //!
 //! Every check panics with a message naming the broken promise of the [`RunStore`] contract.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
@@ -43,6 +44,7 @@ pub async fn run_all(store: &dyn RunStore) {
     list_runs_filters_and_orders(store).await;
     list_runs_pages_by_id(store).await;
     count_runs_counts_per_status(store).await;
+    count_runs_follow_every_change_of_a_call(store).await;
     count_active_tasks_counts_unfinished_runs(store).await;
     list_runs_pages_newest_first(store).await;
     tokens_are_stored_found_and_deleted(store).await;
@@ -786,6 +788,64 @@ pub async fn count_runs_counts_per_status(store: &dyn RunStore) {
         store.count_runs(&missing_workflow).await,
         "workflow",
         MISSING_ID,
+    );
+}
+
+/// The counts follow one `apply` call that moves runs in several sets: a run moved twice in
+/// one set and again in a later set, a run moved by a refused set, each counted where it
+/// ends, as listing the runs finds them.
+pub async fn count_runs_follow_every_change_of_a_call(store: &dyn RunStore) {
+    let (workflow, analysis) = setup(store, "count-call").await;
+    let runs = launch(store, &workflow, &analysis, &samples("count-call", 4))
+        .await
+        .expect("launch");
+    let change = |run: usize, expect, status| Change::Run(run_change(runs[run].id, expect, status));
+    let applied = apply(
+        store,
+        vec![
+            vec![
+                change(0, RunStatus::Ready, RunStatus::Scheduled),
+                change(0, RunStatus::Scheduled, RunStatus::InProgress),
+            ],
+            vec![change(1, RunStatus::Ready, RunStatus::Scheduled)],
+            // Refused as a whole: run 3 is not scheduled.
+            vec![
+                change(2, RunStatus::Ready, RunStatus::Cancelled),
+                change(3, RunStatus::Scheduled, RunStatus::Completed),
+            ],
+            vec![change(0, RunStatus::InProgress, RunStatus::Completed)],
+            vec![change(1, RunStatus::Scheduled, RunStatus::Ready)],
+            vec![change(3, RunStatus::Ready, RunStatus::Error)],
+        ],
+    )
+    .await;
+    assert_eq!(applied, [true, true, false, true, true, true]);
+    let counts = store
+        .count_runs(&RunFilter {
+            analysis_id: Some(analysis.id),
+            ..RunFilter::default()
+        })
+        .await
+        .expect("count");
+    let mut listed: BTreeMap<RunStatus, u64> = BTreeMap::new();
+    for run in store
+        .list_runs(&RunFilter {
+            analysis_id: Some(analysis.id),
+            ..RunFilter::default()
+        })
+        .await
+        .expect("list")
+    {
+        *listed.entry(run.status).or_default() += 1;
+    }
+    assert_eq!(counts, listed, "the counts are the runs as listed");
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        vec![
+            (RunStatus::Ready, 2),
+            (RunStatus::Completed, 1),
+            (RunStatus::Error, 1)
+        ]
     );
 }
 
