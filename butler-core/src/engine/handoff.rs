@@ -57,3 +57,177 @@ impl Handoff {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use chrono::Utc;
+    use serde_json::json;
+
+    use super::super::{DEFAULT_TASK_QUEUE, Engine, EngineOptions, VERSION};
+    use crate::definition::{Definition, Format};
+    use crate::executor::{Attempt, CancellationToken, Executor, Finished, Outcome};
+    use crate::memory::{MemoryQueue, MemoryRunStore};
+    use crate::model::{Id, RunStatus, TaskState, WorkerInfo};
+    use crate::queue::{DeadLetter, Delivery, DeliveryTag, NewMessage, Queue, QueueDepth};
+    use crate::store::RunStore;
+    use crate::tracker::{RunSource, Tracker};
+
+    /// A memory queue that counts the messages enqueued on it.
+    #[derive(Debug, Default)]
+    struct Counting {
+        inner: MemoryQueue,
+        enqueued: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Queue for Counting {
+        async fn enqueue(&self, queue: &str, messages: Vec<NewMessage>) -> crate::Result<Vec<i64>> {
+            self.enqueued.fetch_add(messages.len(), Ordering::SeqCst);
+            self.inner.enqueue(queue, messages).await
+        }
+        async fn dequeue(
+            &self,
+            queue: &str,
+            max: usize,
+            lease: Duration,
+            wait: Duration,
+        ) -> crate::Result<Vec<Delivery>> {
+            self.inner.dequeue(queue, max, lease, wait).await
+        }
+        async fn ack(&self, tags: &[DeliveryTag]) -> crate::Result<Vec<bool>> {
+            self.inner.ack(tags).await
+        }
+        async fn nack(&self, tags: &[DeliveryTag], delay: Duration) -> crate::Result<Vec<bool>> {
+            self.inner.nack(tags, delay).await
+        }
+        async fn extend(&self, tags: &[DeliveryTag], lease: Duration) -> crate::Result<Vec<bool>> {
+            self.inner.extend(tags, lease).await
+        }
+        async fn depth(&self, queue: &str) -> crate::Result<QueueDepth> {
+            self.inner.depth(queue).await
+        }
+        async fn dead_letters(&self, queue: &str, limit: usize) -> crate::Result<Vec<DeadLetter>> {
+            self.inner.dead_letters(queue, limit).await
+        }
+    }
+
+    /// Each attempt takes a few milliseconds, so the slots are busy while tasks are queued.
+    #[derive(Debug)]
+    struct Brief;
+
+    #[async_trait]
+    impl Executor for Brief {
+        async fn execute(&self, attempt: Attempt, _: CancellationToken) -> crate::Result<Finished> {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(Finished {
+                outcome: Outcome::Exited { code: 0 },
+                log_path: attempt.workdir,
+                duration: Duration::ZERO,
+            })
+        }
+    }
+
+    /// Runs `runs` two-task runs to completion in one engine with 2 slots on `queue`, with
+    /// `other_worker` listed in the store first; every task ran exactly once.
+    async fn run_in_one_process(
+        queue: Arc<Counting>,
+        runs: usize,
+        other_worker: Option<WorkerInfo>,
+    ) {
+        let store = Arc::new(MemoryRunStore::new());
+        if let Some(other) = &other_worker {
+            store.heartbeat_worker(other).await.expect("heartbeat");
+        }
+        let tracker = Tracker::new(store.clone());
+        let definition = Definition::parse(
+            "[[tasks]]\nid = \"a\"\nrun = \"x\"\n[[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"x\"\n",
+            Format::Toml,
+            "t.toml",
+        )
+        .expect("definition");
+        let w = tracker
+            .create_workflow("w", "1", json!({}), definition)
+            .await
+            .expect("workflow");
+        let a = tracker
+            .create_analysis("a", Utc::now().date_naive(), json!({}))
+            .await
+            .expect("analysis");
+        let sources = (0..runs)
+            .map(|n| RunSource {
+                source: None,
+                config: json!({ "n": n }),
+            })
+            .collect();
+        let ids: Vec<Id> = tracker
+            .launch(w.id, a.id, sources, false)
+            .await
+            .expect("launch")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        let mut options = EngineOptions::new(std::env::temp_dir(), 2);
+        options.poll = Duration::from_millis(20);
+        let mut engine = Engine::start(store.clone(), queue, Arc::new(Brief), options);
+        let done = tokio::time::timeout(Duration::from_secs(30), engine.wait_for(&ids, |_| {}))
+            .await
+            .expect("the runs finish in time")
+            .expect("the engine runs");
+        engine.stop().await.expect("stops");
+        assert!(
+            done.iter().all(|r| r.status == RunStatus::Completed),
+            "{done:?}"
+        );
+        for task in store.list_tasks(&ids).await.expect("tasks") {
+            assert_eq!(
+                (task.state, task.try_number),
+                (TaskState::Succeeded, 1),
+                "run {} task {}: one attempt",
+                task.run_id,
+                task.task_id
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn alone_a_process_runs_its_tasks_without_the_queue() {
+        let queue = Arc::new(Counting::default());
+        run_in_one_process(queue.clone(), 40, None).await;
+        assert_eq!(
+            queue.enqueued.load(Ordering::SeqCst),
+            0,
+            "no message is sent when the process's own slots take every task"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_another_worker_about_tasks_the_slots_cannot_take_go_to_the_queue() {
+        let queue = Arc::new(Counting::default());
+        let now = Utc::now();
+        // A live worker of another host on the same queue: it never takes anything here, so
+        // this process's slots take the queued messages too.
+        let other = WorkerInfo {
+            name: "elsewhere".to_owned(),
+            host: "elsewhere".to_owned(),
+            pid: 1,
+            queue: DEFAULT_TASK_QUEUE.to_owned(),
+            slots: 4,
+            running: 0,
+            version: VERSION.to_owned(),
+            started_at: now,
+            heartbeat_at: now + chrono::Duration::hours(1),
+        };
+        run_in_one_process(queue.clone(), 40, Some(other)).await;
+        let enqueued = queue.enqueued.load(Ordering::SeqCst);
+        assert!(
+            enqueued > 0 && enqueued < 80,
+            "some of the 80 tasks went through the queue for other workers, the rest straight \
+             to the slots: {enqueued} enqueued"
+        );
+    }
+}
