@@ -176,11 +176,7 @@ async fn run_all(
     let finished = engine.wait_for(runs, |_| {}).await?;
     let took = secs(begin);
     engine.stop().await?;
-    let failed = finished
-        .iter()
-        .filter(|f| f.status != RunStatus::Completed)
-        .count();
-    anyhow::ensure!(failed == 0, "{failed} runs did not complete");
+    all_completed(&finished)?;
     Ok(took)
 }
 
@@ -201,12 +197,18 @@ async fn run_all_apart(
     let took = secs(begin);
     scheduler.stop().await?;
     workers.stop().await?;
+    all_completed(&finished)?;
+    Ok(took)
+}
+
+/// Fails unless every run completed.
+fn all_completed(finished: &[butler_core::engine::RunFinished]) -> anyhow::Result<()> {
     let failed = finished
         .iter()
         .filter(|f| f.status != RunStatus::Completed)
         .count();
     anyhow::ensure!(failed == 0, "{failed} runs did not complete");
-    Ok(took)
+    Ok(())
 }
 
 /// Single-row commits per second to the scenario's database at its durability: the unit cost a

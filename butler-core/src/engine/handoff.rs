@@ -66,16 +66,14 @@ mod tests {
 
     use async_trait::async_trait;
     use chrono::Utc;
-    use serde_json::json;
 
     use super::super::{DEFAULT_TASK_QUEUE, Engine, EngineOptions, VERSION};
-    use crate::definition::{Definition, Format};
     use crate::executor::{Attempt, CancellationToken, Executor, Finished, Outcome};
     use crate::memory::{MemoryQueue, MemoryRunStore};
-    use crate::model::{Id, RunStatus, TaskState, WorkerInfo};
+    use crate::model::{RunStatus, TaskState, WorkerInfo};
     use crate::queue::{DeadLetter, Delivery, DeliveryTag, NewMessage, Queue, QueueDepth};
     use crate::store::RunStore;
-    use crate::tracker::{RunSource, Tracker};
+    use crate::testing::launch::launch_runs;
 
     /// A memory queue that counts the messages enqueued on it.
     #[derive(Debug, Default)]
@@ -143,34 +141,12 @@ mod tests {
         if let Some(other) = &other_worker {
             store.heartbeat_worker(other).await.expect("heartbeat");
         }
-        let tracker = Tracker::new(store.clone());
-        let definition = Definition::parse(
+        let ids = launch_runs(
+            store.clone(),
             "[[tasks]]\nid = \"a\"\nrun = \"x\"\n[[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"x\"\n",
-            Format::Toml,
-            "t.toml",
+            runs,
         )
-        .expect("definition");
-        let w = tracker
-            .create_workflow("w", "1", json!({}), definition)
-            .await
-            .expect("workflow");
-        let a = tracker
-            .create_analysis("a", Utc::now().date_naive(), json!({}))
-            .await
-            .expect("analysis");
-        let sources = (0..runs)
-            .map(|n| RunSource {
-                source: None,
-                config: json!({ "n": n }),
-            })
-            .collect();
-        let ids: Vec<Id> = tracker
-            .launch(w.id, a.id, sources, false)
-            .await
-            .expect("launch")
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
+        .await;
         let mut options = EngineOptions::new(std::env::temp_dir(), 2);
         options.poll = Duration::from_millis(20);
         let mut engine = Engine::start(store.clone(), queue, Arc::new(Brief), options);

@@ -757,16 +757,14 @@ mod tests {
 
     use async_trait::async_trait;
     use chrono::Utc;
-    use serde_json::json;
 
     use super::super::{DEFAULT_TASK_QUEUE, Engine, EngineOptions, VERSION, host_name};
-    use crate::definition::{Definition, Format};
     use crate::error::Error;
     use crate::executor::{Attempt, CancellationToken, Executor, Finished, Outcome};
     use crate::memory::{MemoryQueue, MemoryRunStore};
     use crate::model::WorkerInfo;
     use crate::store::RunStore;
-    use crate::tracker::{RunSource, Tracker};
+    use crate::testing::launch::launch_runs;
 
     /// Attempts take a while, so a heartbeat sees them running.
     #[derive(Debug)]
@@ -809,34 +807,7 @@ mod tests {
         store: &Arc<MemoryRunStore>,
         count: usize,
     ) -> Vec<crate::model::Id> {
-        let tracker = Tracker::new(store.clone());
-        let definition = Definition::parse(
-            "[[tasks]]\nid = \"a\"\nrun = \"x\"\n",
-            Format::Toml,
-            "t.toml",
-        )
-        .expect("definition");
-        let w = tracker
-            .create_workflow("w", "1", json!({}), definition)
-            .await
-            .expect("workflow");
-        let a = tracker
-            .create_analysis("a", Utc::now().date_naive(), json!({}))
-            .await
-            .expect("analysis");
-        let sources = (0..count)
-            .map(|n| RunSource {
-                source: None,
-                config: json!({ "n": n }),
-            })
-            .collect();
-        tracker
-            .launch(w.id, a.id, sources, false)
-            .await
-            .expect("launch")
-            .into_iter()
-            .map(|r| r.id)
-            .collect()
+        launch_runs(store.clone(), "[[tasks]]\nid = \"a\"\nrun = \"x\"\n", count).await
     }
 
     async fn until_listed(
