@@ -10,18 +10,15 @@
 //! write-ahead log lets it run while a writer commits) and no snapshot outlives it to hold back
 //! the checkpoints.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, Weak, mpsc};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, mpsc};
 
 use butler_core::{Error, Result};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
-use super::writer::{Target, sqlite_error};
+use super::writer::{PerProcess, Target, Threaded, sqlite_error};
 
 /// Prepared statements kept: the hot reads use about ten, `list_runs` a few more.
 const STATEMENT_CACHE: usize = 32;
@@ -49,9 +46,12 @@ impl fmt::Debug for Reader {
 }
 
 /// The readers of this process, by what they open: stores on one file share one.
-fn registry() -> &'static Mutex<HashMap<Target, Weak<Reader>>> {
-    static READERS: OnceLock<Mutex<HashMap<Target, Weak<Reader>>>> = OnceLock::new();
-    READERS.get_or_init(Mutex::default)
+static READERS: PerProcess<Reader> = PerProcess::new();
+
+impl Threaded for Reader {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
 }
 
 impl Reader {
@@ -59,7 +59,7 @@ impl Reader {
     /// a new one. An in-memory database must be held open already (by its writer), or the
     /// reader would open a new, empty one.
     pub(crate) async fn shared(target: &Target, location: &str) -> Result<Arc<Reader>> {
-        if let Some(reader) = Self::registered(target) {
+        if let Some(reader) = READERS.get(target) {
             return Ok(reader);
         }
         let opened = tokio::task::spawn_blocking({
@@ -69,42 +69,15 @@ impl Reader {
         })
         .await
         .map_err(|e| Error::backend(format!("cannot open {location} for reading"), e))??;
-        let mut readers = registry().lock().unwrap_or_else(|e| e.into_inner());
         // Another caller may have opened one meanwhile: keep the first.
-        if let Some(reader) = readers
-            .get(target)
-            .and_then(Weak::upgrade)
-            .filter(|r| r.pid == std::process::id())
-        {
-            return Ok(reader);
-        }
-        readers.retain(|_, r| r.strong_count() > 0);
-        readers.insert(target.clone(), Arc::downgrade(&opened));
-        Ok(opened)
-    }
-
-    fn registered(target: &Target) -> Option<Arc<Reader>> {
-        let readers = registry().lock().unwrap_or_else(|e| e.into_inner());
-        readers
-            .get(target)
-            .and_then(Weak::upgrade)
-            .filter(|r| r.pid == std::process::id())
+        Ok(READERS.keep(target, opened))
     }
 
     /// Opens the connection and starts its thread.
     fn open(target: Target, location: &str) -> Result<Arc<Reader>> {
         let doing = "open the database for reading";
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = if target.memory {
-            Connection::open_with_flags_and_vfs(&target.path, flags, c"memdb")
-        } else {
-            Connection::open_with_flags(PathBuf::from(&target.path), flags)
-        }
-        .map_err(|e| sqlite_error(location, doing, &e))?;
-        let busy = Duration::from_millis(u64::try_from(target.busy_timeout_ms).unwrap_or(0));
-        conn.busy_timeout(busy)
+        let conn = target
+            .connect(OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| sqlite_error(location, doing, &e))?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let (reads, queue) = mpsc::channel::<Read>();
@@ -158,13 +131,7 @@ impl Reader {
     /// Stops taking reads; the thread finishes those it has and closes the connection.
     pub(crate) fn close(&self) {
         self.reads.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut readers = registry().lock().unwrap_or_else(|e| e.into_inner());
-        if readers
-            .get(&self.target)
-            .is_some_and(|r| std::ptr::eq(r.as_ptr(), self))
-        {
-            readers.remove(&self.target);
-        }
+        READERS.forget(&self.target, self);
     }
 }
 

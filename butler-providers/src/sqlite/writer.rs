@@ -54,6 +54,84 @@ pub(crate) struct Target {
     pub busy_timeout_ms: i64,
 }
 
+impl Target {
+    /// Opens a connection to the database, with `flags` and the busy timeout.
+    pub(crate) fn connect(&self, flags: OpenFlags) -> rusqlite::Result<Connection> {
+        let flags = flags | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = if self.memory {
+            Connection::open_with_flags_and_vfs(&self.path, flags, c"memdb")
+        } else {
+            Connection::open_with_flags(PathBuf::from(&self.path), flags)
+        }?;
+        conn.busy_timeout(Duration::from_millis(
+            u64::try_from(self.busy_timeout_ms).unwrap_or(0),
+        ))?;
+        Ok(conn)
+    }
+}
+
+/// A connection with a thread of its own (a [`Writer`] or a reader), which a forked child
+/// cannot use: it has the handle but not the thread.
+pub(crate) trait Threaded {
+    /// The process that started the thread.
+    fn pid(&self) -> u32;
+}
+
+/// One threaded connection per database and process, shared by the stores and queues that open
+/// it; kept weakly, so that the last handle dropped ends the thread.
+pub(crate) struct PerProcess<T> {
+    map: OnceLock<Mutex<HashMap<Target, Weak<T>>>>,
+}
+
+impl<T: Threaded> PerProcess<T> {
+    pub(crate) const fn new() -> Self {
+        PerProcess {
+            map: OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Target, Weak<T>>> {
+        self.map
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The one of `target` this process runs, if any.
+    pub(crate) fn get(&self, target: &Target) -> Option<Arc<T>> {
+        self.lock()
+            .get(target)
+            .and_then(Weak::upgrade)
+            .filter(|t| t.pid() == std::process::id())
+    }
+
+    /// Keeps `opened` for `target`, unless another was kept meanwhile: answers the one kept.
+    pub(crate) fn keep(&self, target: &Target, opened: Arc<T>) -> Arc<T> {
+        let mut map = self.lock();
+        if let Some(kept) = map
+            .get(target)
+            .and_then(Weak::upgrade)
+            .filter(|t| t.pid() == std::process::id())
+        {
+            return kept;
+        }
+        map.retain(|_, t| t.strong_count() > 0);
+        map.insert(target.clone(), Arc::downgrade(&opened));
+        opened
+    }
+
+    /// Forgets `closing`, if it is the one kept for `target`.
+    pub(crate) fn forget(&self, target: &Target, closing: &T) {
+        let mut map = self.lock();
+        if map
+            .get(target)
+            .is_some_and(|t| std::ptr::eq(t.as_ptr(), closing))
+        {
+            map.remove(target);
+        }
+    }
+}
+
 /// A piece of work sent to the writer's thread.
 trait Work: Send {
     /// Runs the work inside the open transaction, keeping its outcome; answers whether it
@@ -139,9 +217,12 @@ impl fmt::Debug for Writer {
 }
 
 /// The writers of this process, by what they open: stores and queues on one file share one.
-fn registry() -> &'static Mutex<HashMap<Target, Weak<Writer>>> {
-    static WRITERS: OnceLock<Mutex<HashMap<Target, Weak<Writer>>>> = OnceLock::new();
-    WRITERS.get_or_init(Mutex::default)
+static WRITERS: PerProcess<Writer> = PerProcess::new();
+
+impl Threaded for Writer {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
 }
 
 impl Writer {
@@ -181,7 +262,7 @@ impl Writer {
             synchronous,
             busy_timeout_ms,
         };
-        if let Some(writer) = Self::registered(&target) {
+        if let Some(writer) = WRITERS.get(&target) {
             return Ok(writer);
         }
         if memory && !owner {
@@ -198,44 +279,18 @@ impl Writer {
         })
         .await
         .map_err(|e| Error::backend(format!("cannot open {location} for writing"), e))??;
-        let mut writers = registry().lock().unwrap_or_else(|e| e.into_inner());
         // Another caller may have opened one meanwhile: keep the first.
-        if let Some(writer) = writers
-            .get(&target)
-            .and_then(Weak::upgrade)
-            .filter(|w| w.pid == std::process::id())
-        {
-            return Ok(writer);
-        }
-        writers.retain(|_, w| w.strong_count() > 0);
-        writers.insert(target, Arc::downgrade(&opened));
-        Ok(opened)
-    }
-
-    fn registered(target: &Target) -> Option<Arc<Writer>> {
-        let writers = registry().lock().unwrap_or_else(|e| e.into_inner());
-        writers
-            .get(target)
-            .and_then(Weak::upgrade)
-            .filter(|w| w.pid == std::process::id())
+        Ok(WRITERS.keep(&target, opened))
     }
 
     /// Opens the connection and starts its thread.
     fn open(target: Target, location: &str) -> Result<Arc<Writer>> {
         let doing = "open the database for writing";
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = if target.memory {
-            Connection::open_with_flags_and_vfs(&target.path, flags, c"memdb")
-        } else {
-            Connection::open_with_flags(PathBuf::from(&target.path), flags)
-        }
-        .map_err(|e| sqlite_error(location, doing, &e))?;
-        let busy = Duration::from_millis(u64::try_from(target.busy_timeout_ms).unwrap_or(0));
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
+        let conn = target
+            .connect(flags)
+            .map_err(|e| sqlite_error(location, doing, &e))?;
         let setup = || -> rusqlite::Result<()> {
-            conn.busy_timeout(busy)?;
             conn.pragma_update(None, "synchronous", target.synchronous)?;
             conn.pragma_update(None, "foreign_keys", true)?;
             // A statement that may fail halfway journals the pages it changes: in memory, not
@@ -260,9 +315,9 @@ impl Writer {
         let checkpointer = if target.memory {
             None
         } else {
-            let checkpointer = Connection::open_with_flags(PathBuf::from(&target.path), flags)
+            let checkpointer = target
+                .connect(flags)
                 .and_then(|c| {
-                    c.busy_timeout(busy)?;
                     c.pragma_update(None, "synchronous", target.synchronous)?;
                     Ok(c)
                 })
@@ -346,13 +401,7 @@ impl Writer {
     /// Stops taking work; the thread finishes what it has and closes the connection.
     pub(crate) fn close(&self) {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut writers = registry().lock().unwrap_or_else(|e| e.into_inner());
-        if writers
-            .get(&self.target)
-            .is_some_and(|w| std::ptr::eq(w.as_ptr(), self))
-        {
-            writers.remove(&self.target);
-        }
+        WRITERS.forget(&self.target, self);
     }
 }
 
