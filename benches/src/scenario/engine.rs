@@ -165,38 +165,31 @@ fn start(s: &Setup, executor: Arc<DynExecutor>, slots: usize) -> Engine {
     Engine::start(s.store.clone(), s.queue.clone(), executor, options)
 }
 
+/// Runs `runs` to completion with `slots` worker slots; the seconds it took. `apart` puts the
+/// scheduler and the slots in two engines, as `butler scheduler` and `butler worker` run them,
+/// so every task goes through the queue.
 async fn run_all(
     s: &Setup,
     executor: Arc<DynExecutor>,
     slots: usize,
     runs: &[Id],
+    apart: bool,
 ) -> anyhow::Result<f64> {
     let begin = Instant::now();
-    let mut engine = start(s, executor, slots);
+    let (mut engine, workers) = if apart {
+        let mut options = EngineOptions::new(s.home.clone(), slots);
+        options.schedule = false;
+        let workers = Engine::start(s.store.clone(), s.queue.clone(), executor.clone(), options);
+        (start(s, executor, 0), Some(workers))
+    } else {
+        (start(s, executor, slots), None)
+    };
     let finished = engine.wait_for(runs, |_| {}).await?;
     let took = secs(begin);
     engine.stop().await?;
-    all_completed(&finished)?;
-    Ok(took)
-}
-
-/// Like [`run_all`], with the scheduler and the worker slots in two engines, as `butler
-/// scheduler` and `butler worker` run: every task goes through the queue.
-async fn run_all_apart(
-    s: &Setup,
-    executor: Arc<DynExecutor>,
-    slots: usize,
-    runs: &[Id],
-) -> anyhow::Result<f64> {
-    let begin = Instant::now();
-    let mut scheduler = start(s, executor.clone(), 0);
-    let mut options = EngineOptions::new(s.home.clone(), slots);
-    options.schedule = false;
-    let workers = Engine::start(s.store.clone(), s.queue.clone(), executor, options);
-    let finished = scheduler.wait_for(runs, |_| {}).await?;
-    let took = secs(begin);
-    scheduler.stop().await?;
-    workers.stop().await?;
+    if let Some(workers) = workers {
+        workers.stop().await?;
+    }
     all_completed(&finished)?;
     Ok(took)
 }
@@ -253,9 +246,9 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let count = args.size.unwrap_or(10_000);
     let s = setup(args, "[[tasks]]\nid = \"noop\"\nrun = \"true\"\n").await?;
     let runs = launch(&s, 0, count).await?;
-    let took = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs).await?;
+    let took = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs, false).await?;
     let runs = launch(&s, count, count).await?;
-    let took_apart = run_all_apart(&s, Arc::new(NoopExecutor::default()), 2, &runs).await?;
+    let took_apart = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs, true).await?;
     let commits = commits_per_second(&s).await?;
     let dead = s
         .queue
@@ -346,7 +339,7 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
     }
     let floor = secs(begin);
     let runs = launch(&s, 0, count).await?;
-    let took = run_all(&s, Arc::new(LocalExecutor::new()), 2, &runs).await?;
+    let took = run_all(&s, Arc::new(LocalExecutor::new()), 2, &runs, false).await?;
     s.clean_up().await?;
     Ok(vec![
         Figure::new(

@@ -52,6 +52,13 @@ fn retries(set: &ChangeSet) -> bool {
     )
 }
 
+/// Puts `row` in place of the task of the same id among `tasks`.
+fn replace_row(tasks: &mut [TaskInstance], row: &TaskInstance) {
+    if let Some(task) = tasks.iter_mut().find(|t| t.task_id == row.task_id) {
+        *task = row.clone();
+    }
+}
+
 /// Why [`Scheduler::drive`] returned.
 enum Ended {
     Shutdown,
@@ -559,10 +566,7 @@ impl Scheduler {
                 claimed.push(run);
             }
             let ids: Vec<Id> = claimed.iter().map(|run| run.id).collect();
-            let mut tasks: HashMap<Id, Vec<crate::model::TaskInstance>> = HashMap::new();
-            for task in metrics::store_call("list_tasks", self.store.list_tasks(&ids)).await? {
-                tasks.entry(task.run_id).or_default().push(task);
-            }
+            let mut tasks = self.read_tasks(&ids).await?;
             let now = Utc::now();
             let mut sets = Vec::with_capacity(claimed.len());
             let mut plans = Vec::with_capacity(claimed.len());
@@ -658,19 +662,15 @@ impl Scheduler {
             .into_iter()
             .filter(|id| self.active.contains_key(id))
             .collect();
-        let mut tasks: HashMap<Id, Vec<TaskInstance>> = HashMap::new();
-        let mut unknown = Vec::new();
+        let unknown: Vec<Id> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.known.contains_key(id))
+            .collect();
+        let mut tasks = self.read_tasks(&unknown).await?;
         for &id in &ids {
-            match self.known.remove(&id) {
-                Some(known) => {
-                    tasks.insert(id, known);
-                }
-                None => unknown.push(id),
-            }
-        }
-        for chunk in unknown.chunks(CLAIM_PAGE) {
-            for task in metrics::store_call("list_tasks", self.store.list_tasks(chunk)).await? {
-                tasks.entry(task.run_id).or_default().push(task);
+            if let Some(known) = self.known.remove(&id) {
+                tasks.insert(id, known);
             }
         }
         let mut plans = Vec::new();
@@ -749,11 +749,7 @@ impl Scheduler {
                         }
                     }
                 }
-                Change::Task(change) => {
-                    if let Some(task) = tasks.iter_mut().find(|t| t.task_id == change.new.task_id) {
-                        *task = change.new.clone();
-                    }
-                }
+                Change::Task(change) => replace_row(&mut tasks, &change.new),
                 Change::Lease(_) => {}
             }
         }
@@ -765,6 +761,17 @@ impl Scheduler {
             metrics::run_finished(status, timed_out);
             let _ = self.finished.send(RunFinished { run_id: id, status });
         }
+    }
+
+    /// The tasks of runs `ids` as stored, by run, read in pages.
+    async fn read_tasks(&self, ids: &[Id]) -> Result<HashMap<Id, Vec<TaskInstance>>> {
+        let mut tasks: HashMap<Id, Vec<TaskInstance>> = HashMap::new();
+        for chunk in ids.chunks(CLAIM_PAGE) {
+            for task in metrics::store_call("list_tasks", self.store.list_tasks(chunk)).await? {
+                tasks.entry(task.run_id).or_default().push(task);
+            }
+        }
+        Ok(tasks)
     }
 
     /// Keeps `tasks` as run `id`'s tasks now, room permitting.
@@ -788,12 +795,8 @@ impl Scheduler {
             } else {
                 dirty.insert(row.run_id);
             }
-            if let Some(task) = self
-                .known
-                .get_mut(&row.run_id)
-                .and_then(|tasks| tasks.iter_mut().find(|t| t.task_id == row.task_id))
-            {
-                *task = row;
+            if let Some(tasks) = self.known.get_mut(&row.run_id) {
+                replace_row(tasks, &row);
             }
         }
     }
