@@ -6,6 +6,10 @@ mod scenario;
 
 use clap::Parser;
 
+/// The allocator of the `butler` binary, so that the figures are those of what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = scenario::Args::parse();

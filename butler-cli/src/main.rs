@@ -9,6 +9,11 @@ mod settings;
 
 use std::{io::Write, process::ExitCode};
 
+/// mimalloc rather than the C library's allocator: the engine allocates and frees per task on
+/// several threads at once, and with mimalloc it runs about a third more tasks a second.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     match commands::run(clap::Parser::parse()) {
         Ok(()) => ExitCode::SUCCESS,
