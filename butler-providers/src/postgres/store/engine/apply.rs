@@ -38,7 +38,9 @@ const READ: &str = "WITH t AS MATERIALIZED (\
 /// inserted in `seq` order so that their ids follow the order of the changes. Answers the
 /// number of rows written.
 ///
-/// A task is in at most one of the first two arrays, so no row is written twice.
+/// A task is in at most one of the first two arrays, so no row is written twice. The arrays are
+/// read through functions that tell the planner to expect a few rows (migration 0008), so that
+/// it looks the rows up by key instead of scanning the tables.
 const WRITE: &str = "WITH task_rows AS (\
                      UPDATE tasks SET state = n.state, try_number = n.try_number, \
                      failures = n.failures, token = n.token, lease_until = n.lease_until, \
@@ -46,23 +48,17 @@ const WRITE: &str = "WITH task_rows AS (\
                      first_started_at = n.first_started_at, started_at = n.started_at, \
                      ended_at = n.ended_at, next_try_at = n.next_try_at, \
                      exit_code = n.exit_code, error = n.error \
-                     FROM json_to_recordset($1::json) AS n (run_id bigint, task_id text, \
-                     state text, try_number bigint, failures bigint, token bigint, \
-                     lease_until bigint, worker text, queued_at bigint, \
-                     first_started_at bigint, started_at bigint, ended_at bigint, \
-                     next_try_at bigint, exit_code integer, error text) \
+                     FROM change_task_rows($1::json) AS n \
                      WHERE tasks.run_id = n.run_id AND tasks.task_id = n.task_id RETURNING 1), \
                      leases AS (\
                      UPDATE tasks SET lease_until = n.lease_until \
-                     FROM json_to_recordset($2::json) AS n (run_id bigint, task_id text, \
-                     lease_until bigint) \
+                     FROM change_task_leases($2::json) AS n \
                      WHERE tasks.run_id = n.run_id AND tasks.task_id = n.task_id RETURNING 1), \
                      run_rows AS (\
                      UPDATE runs SET status = n.status, error = n.error, \
                      started_at = CASE WHEN n.keep_started THEN runs.started_at \
                      ELSE n.started_at END, ended_at = n.ended_at \
-                     FROM json_to_recordset($3::json) AS n (id bigint, status text, error text, \
-                     keep_started boolean, started_at bigint, ended_at bigint) \
+                     FROM change_run_rows($3::json) AS n \
                      WHERE runs.id = n.id RETURNING 1), \
                      logged AS (\
                      INSERT INTO events \
