@@ -503,6 +503,69 @@ async fn apply_takes_a_thousand_sets_in_one_call() {
 }
 
 #[tokio::test]
+async fn deleting_runs_by_hand_deletes_their_tasks_and_events() {
+    let Some(schema) = Schema::new("deleting_runs_by_hand").await else {
+        return;
+    };
+    let store = &schema.store;
+    let (workflow, analysis) = setup(store, "deleted").await;
+    let runs = launch(store, &workflow, &analysis, 3)
+        .await
+        .expect("launch");
+    let ids: Vec<Id> = runs.iter().map(|r| r.id).collect();
+    let tasks = store.list_tasks(&ids).await.expect("tasks");
+    let queued = |task: &TaskInstance| TaskInstance {
+        state: TaskState::Queued,
+        try_number: 1,
+        ..task.clone()
+    };
+    let sets = tasks
+        .iter()
+        .map(|t| vec![task_change(t, &queued(t))])
+        .collect();
+    assert!(store.apply(sets).await.expect("apply").iter().all(|a| *a));
+    let events_of = |run_id: Id| EventFilter {
+        not_by_suffix: None,
+        run_id: Some(run_id),
+        after: 0,
+        limit: 100,
+    };
+    assert!(
+        !store
+            .list_events(&events_of(ids[0]))
+            .await
+            .expect("events")
+            .is_empty()
+    );
+
+    sqlx::query("DELETE FROM runs WHERE id = ANY($1)")
+        .bind(&ids[..2])
+        .execute(store.pool())
+        .await
+        .expect("an operator deletes two runs");
+
+    for gone in &ids[..2] {
+        assert!(
+            store
+                .list_events(&events_of(*gone))
+                .await
+                .expect("events")
+                .is_empty(),
+            "the events of deleted run {gone} are gone"
+        );
+    }
+    assert!(store.list_tasks(&ids[..2]).await.expect("tasks").is_empty());
+    let kept = store.list_events(&events_of(ids[2])).await.expect("events");
+    assert_eq!(
+        kept.len(),
+        3,
+        "the run kept keeps one event per task: {kept:?}"
+    );
+    assert_eq!(store.list_tasks(&ids[2..]).await.expect("tasks").len(), 3);
+    schema.drop().await;
+}
+
+#[tokio::test]
 async fn racing_applies_of_one_change_apply_it_once() {
     let Some(schema) = Schema::new("racing_applies_of_one_change_apply_it_once").await else {
         return;
