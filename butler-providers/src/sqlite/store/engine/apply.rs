@@ -6,6 +6,8 @@
 //! thread holds, so the rows read stay as read until they are written, and a call of a thousand
 //! sets is one handoff to that thread and back, like a call of one.
 
+use std::sync::LazyLock;
+
 use butler_core::change::ChangeSet;
 use butler_core::change::decide::{NewEvent, Rows, TaskWrite};
 use butler_core::model::{RunStatus, TaskState};
@@ -38,11 +40,25 @@ const WRITE_RUN: &str = "UPDATE runs SET status = ?2, error = ?3, \
                          started_at = CASE WHEN ?4 THEN started_at ELSE ?5 END, \
                          ended_at = ?6 WHERE id = ?1";
 
-/// One event at time `?1`, the rest in the order of [`NewEvent`]. Events are inserted in the
-/// order of the changes, so their ids follow it.
-const WRITE_EVENT: &str = "INSERT INTO events \
-                           (at, run_id, task_id, try_number, from_state, to_state, by_whom, \
-                           reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+/// Events per `INSERT`, most first: a call's events go in as few statements as these sizes add
+/// up to, each statement prepared once per connection. `events` has `AUTOINCREMENT`, for which
+/// SQLite reads and writes the table's sequence once per statement, not once per row.
+const EVENT_BATCHES: [usize; 6] = [32, 16, 8, 4, 2, 1];
+
+/// [`insert_events`] for each size of [`EVENT_BATCHES`].
+static WRITE_EVENTS: LazyLock<[String; EVENT_BATCHES.len()]> =
+    LazyLock::new(|| EVENT_BATCHES.map(insert_events));
+
+/// An `INSERT` of `rows` events, each as eight parameters: time, then the fields of
+/// [`NewEvent`] in order. The rows go in in the order listed, so their ids follow it.
+fn insert_events(rows: usize) -> String {
+    let row = "(?, ?, ?, ?, ?, ?, ?, ?)";
+    format!(
+        "INSERT INTO events \
+         (at, run_id, task_id, try_number, from_state, to_state, by_whom, reason) VALUES {}",
+        vec![row; rows].join(", ")
+    )
+}
 
 /// Applies `sets` on `conn`, inside a write transaction its caller commits, logging events at
 /// `at` (milliseconds).
@@ -175,21 +191,39 @@ fn write(
             .map_err(|e| cx.fail(&e))?;
         one(changed, format!("run {id}"))?;
     }
-    if !events.is_empty() {
-        let mut statement = conn.prepare_cached(WRITE_EVENT).map_err(|e| cx.fail(&e))?;
-        for e in events {
-            statement
-                .execute((
-                    at,
-                    e.run_id,
-                    e.task_id,
-                    e.try_number,
-                    e.from_state,
-                    e.to_state,
-                    e.by_whom,
-                    e.reason,
-                ))
-                .map_err(|e| cx.fail(&e))?;
+    write_events(conn, events, at, cx)
+}
+
+/// Inserts `events` at `at`, in their order, with as few statements as [`EVENT_BATCHES`] allow.
+fn write_events(
+    conn: &Connection,
+    events: &[NewEvent<'_>],
+    at: i64,
+    cx: Context<'_>,
+) -> Result<()> {
+    let mut rest = events;
+    for (size, sql) in EVENT_BATCHES.iter().zip(WRITE_EVENTS.iter()) {
+        while rest.len() >= *size {
+            let (batch, after) = rest.split_at(*size);
+            rest = after;
+            let mut statement = conn.prepare_cached(sql).map_err(|e| cx.fail(&e))?;
+            let mut index = 0;
+            let mut bind = |value: &dyn rusqlite::ToSql| {
+                index += 1;
+                statement.raw_bind_parameter(index, value)
+            };
+            for e in batch {
+                bind(&at)
+                    .and_then(|()| bind(&e.run_id))
+                    .and_then(|()| bind(&e.task_id))
+                    .and_then(|()| bind(&e.try_number))
+                    .and_then(|()| bind(&e.from_state))
+                    .and_then(|()| bind(&e.to_state))
+                    .and_then(|()| bind(&e.by_whom))
+                    .and_then(|()| bind(&e.reason))
+                    .map_err(|e| cx.fail(&e))?;
+            }
+            statement.raw_execute().map_err(|e| cx.fail(&e))?;
         }
     }
     Ok(())
@@ -343,5 +377,39 @@ mod tests {
             (run.status, run.error, run.started_at, run.ended_at),
             (RunStatus::Scheduled, None, None, None)
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_logs_its_events_in_the_order_of_its_changes() {
+        // 71 events: statements of 32, 32, 4, 2 and 1 rows.
+        let (store, tasks) = launched(71).await;
+        let before = store.last_event_id().await.expect("last");
+        let sets = tasks
+            .iter()
+            .rev()
+            .map(|t| vec![task_change(t, &queued(t))])
+            .collect();
+        let applied = store.apply(sets).await.expect("apply");
+        assert_eq!(applied, vec![true; 71]);
+        let events = store
+            .list_events(&butler_core::model::EventFilter {
+                not_by_suffix: None,
+                run_id: None,
+                after: before,
+                limit: 100,
+            })
+            .await
+            .expect("events");
+        let logged: Vec<(Id, &str, &str)> = events
+            .iter()
+            .map(|e| (e.run_id, e.from.as_str(), e.to.as_str()))
+            .collect();
+        let expected: Vec<(Id, &str, &str)> = tasks
+            .iter()
+            .rev()
+            .map(|t| (t.run_id, "pending", "queued"))
+            .collect();
+        assert_eq!(logged, expected);
+        assert!(events.windows(2).all(|w| w[0].id < w[1].id));
     }
 }
