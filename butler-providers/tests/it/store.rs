@@ -915,6 +915,92 @@ async fn apply_takes_a_thousand_sets_in_one_call() {
 }
 
 #[tokio::test]
+async fn a_database_from_before_the_state_checks_changed_keeps_its_rows_and_checks() {
+    let db = TempDb::new();
+    let config = "00000000-0000-0000-0000-000000000001";
+    {
+        // The database as the migrations up to 0006 left it, with a run and its task.
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db.path)
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
+        sqlx::migrate!("./migrations/sqlite")
+            .run_to(6, &pool)
+            .await
+            .expect("migrations 1 to 6");
+        for statement in [
+            "INSERT INTO configs VALUES (?1, '{}', 'sha', 0)",
+            "INSERT INTO workflows VALUES (1, 'w', '1', '[[tasks]]', ?1, 0)",
+            "INSERT INTO analyses VALUES (1, 'a', '2026-12-03', ?1, 0)",
+            "INSERT INTO runs (id, workflow_id, analysis_id, status, workflow_config_id, \
+             analysis_config_id, run_config_id, effective_config_id, run_config_sha256, \
+             created_at) VALUES (7, 1, 1, 'in-progress', ?1, ?1, ?1, ?1, 'sha', 0)",
+            "INSERT INTO tasks (run_id, task_id, position, state, try_number) \
+             VALUES (7, 'align', 0, 'up_for_retry', 2)",
+        ] {
+            sqlx::query(statement)
+                .bind(config)
+                .execute(&pool)
+                .await
+                .expect(statement);
+        }
+        pool.close().await;
+    }
+
+    let store = db.open().await;
+    assert_eq!(
+        store.get_run(7).await.expect("run").status,
+        RunStatus::InProgress
+    );
+    let tasks = store.list_tasks(&[7]).await.expect("tasks");
+    assert_eq!(
+        tasks
+            .iter()
+            .map(|t| (t.task_id.as_str(), t.state, t.try_number))
+            .collect::<Vec<_>>(),
+        [("align", TaskState::UpForRetry, 2)]
+    );
+    for (statement, what) in [
+        (
+            "UPDATE runs SET status = 'running' WHERE id = 7",
+            "run status",
+        ),
+        (
+            "UPDATE tasks SET state = 'done' WHERE run_id = 7",
+            "task state",
+        ),
+    ] {
+        let err = sqlx::query(statement)
+            .execute(store.pool())
+            .await
+            .expect_err(what);
+        assert_eq!(
+            err.as_database_error().map(|e| e.kind()),
+            Some(ErrorKind::CheckViolation),
+            "{what}: {err}"
+        );
+    }
+    sqlx::query("UPDATE runs SET status = 'completed' WHERE id = 7")
+        .execute(store.pool())
+        .await
+        .expect("a known status is allowed");
+    let counts = store
+        .count_runs(&RunFilter::default())
+        .await
+        .expect("counts");
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        [(RunStatus::Completed, 1)]
+    );
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(store.pool())
+        .await
+        .expect("integrity_check");
+    assert_eq!(check, "ok");
+}
+
+#[tokio::test]
 async fn task_state_check_rejects_an_unknown_state_written_by_hand() {
     let db = TempDb::new();
     let store = db.open().await;
