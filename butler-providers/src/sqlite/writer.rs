@@ -33,7 +33,7 @@ const MAX_GROUP: usize = 256;
 /// How often a group runs again after SQLite gave up its transaction on its own.
 const MAX_ROUNDS: u32 = 3;
 
-/// Prepared statements kept per connection: the hot path uses about twenty.
+/// Prepared statements kept per connection: the hot path uses about twenty-five.
 const STATEMENT_CACHE: usize = 64;
 
 /// The least time between two checkpoints of the write-ahead log, so that a busy writer's
