@@ -203,25 +203,31 @@ fn write_events(
 ) -> Result<()> {
     let mut rest = events;
     for (size, sql) in EVENT_BATCHES.iter().zip(WRITE_EVENTS.iter()) {
+        if rest.len() < *size {
+            continue;
+        }
+        let mut statement = conn.prepare_cached(sql).map_err(|e| cx.fail(&e))?;
         while rest.len() >= *size {
             let (batch, after) = rest.split_at(*size);
             rest = after;
-            let mut statement = conn.prepare_cached(sql).map_err(|e| cx.fail(&e))?;
             let mut index = 0;
-            let mut bind = |value: &dyn rusqlite::ToSql| {
-                index += 1;
-                statement.raw_bind_parameter(index, value)
-            };
             for e in batch {
-                bind(&at)
-                    .and_then(|()| bind(&e.run_id))
-                    .and_then(|()| bind(&e.task_id))
-                    .and_then(|()| bind(&e.try_number))
-                    .and_then(|()| bind(&e.from_state))
-                    .and_then(|()| bind(&e.to_state))
-                    .and_then(|()| bind(&e.by_whom))
-                    .and_then(|()| bind(&e.reason))
-                    .map_err(|e| cx.fail(&e))?;
+                let values: [&dyn rusqlite::ToSql; 8] = [
+                    &at,
+                    &e.run_id,
+                    &e.task_id,
+                    &e.try_number,
+                    &e.from_state,
+                    &e.to_state,
+                    &e.by_whom,
+                    &e.reason,
+                ];
+                for value in values {
+                    index += 1;
+                    statement
+                        .raw_bind_parameter(index, value)
+                        .map_err(|e| cx.fail(&e))?;
+                }
             }
             statement.raw_execute().map_err(|e| cx.fail(&e))?;
         }
