@@ -4,7 +4,7 @@
 //!
 //! The services come from `BUTLER_TEST_POSTGRES_URL` and `BUTLER_TEST_AMQP_URL`; without them
 //! each test says so and passes, unless `BUTLER_TEST_REQUIRE_SERVICES=1`. Every test works in a
-//! schema and under a queue prefix of its own, and drops the schema at its end.
+//! schema and under a queue prefix of its own, and drops both at its end.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet};
@@ -69,8 +69,8 @@ fn with_param(url: &str, param: &str) -> String {
 }
 
 /// A sandbox whose commands all use a PostgreSQL schema and a RabbitMQ name prefix of their
-/// own, with short heartbeats. The schema is dropped when this is dropped, so it must outlive
-/// every process started from it.
+/// own, with short heartbeats. The schema and the queues are dropped when this is dropped, so it
+/// must outlive every process started from it.
 struct Cluster {
     sandbox: Sandbox,
     postgres: String,
@@ -192,6 +192,28 @@ impl Drop for Cluster {
             ),
             Err(err) => eprintln!("could not run psql to drop schema {}: {err}", self.schema),
         }
+        if let Err(err) = self.delete_queues() {
+            eprintln!("could not delete the queues of {}: {err}", self.queue);
+        }
+    }
+}
+
+impl Cluster {
+    /// Deletes the broker's queues and exchanges under this cluster's prefix. The processes'
+    /// own held queues are left to expire, as the broker does for every closed connection.
+    fn delete_queues(&self) -> butler_core::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| butler_core::Error::backend("cannot start a runtime", e))?;
+        runtime.block_on(async {
+            let queue = butler_providers::amqp::AmqpQueue::connect(&self.queue).await?;
+            let task_queue = butler_core::engine::DEFAULT_TASK_QUEUE;
+            for name in [task_queue.to_owned(), format!("{task_queue}.python")] {
+                queue.delete_queue(&name).await?;
+            }
+            queue.close().await
+        })
     }
 }
 
