@@ -36,7 +36,12 @@ const WRITE_LEASE: &str = "UPDATE tasks SET lease_until = ?3 WHERE run_id = ?1 A
 
 /// Run `?1`'s status `?2` and error `?3`; its start time becomes `?5` unless `?4` keeps the
 /// stored one; its end time becomes `?6`.
-const WRITE_RUN: &str = "UPDATE runs SET status = ?2, error = ?3, \
+///
+/// `OR FAIL`: a constraint that fails leaves what the statement wrote so far instead of undoing
+/// it (the writer rolls the whole transaction back on any error), so SQLite keeps no statement
+/// journal, a copy of every page the statement and its run-count trigger change, which was the
+/// largest part of the update (migration 0008).
+const WRITE_RUN: &str = "UPDATE OR FAIL runs SET status = ?2, error = ?3, \
                          started_at = CASE WHEN ?4 THEN started_at ELSE ?5 END, \
                          ended_at = ?6 WHERE id = ?1";
 
