@@ -27,6 +27,9 @@ use rusqlite::{Connection, OpenFlags};
 use sqlx::SqlitePool;
 use tokio::sync::oneshot;
 
+/// The writer's page cache, in KiB: filled only as pages are read, up to this.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+
 /// The most pieces of work committed by one transaction.
 const MAX_GROUP: usize = 256;
 
@@ -296,6 +299,10 @@ impl Writer {
             // A statement that may fail halfway journals the pages it changes: in memory, not
             // in a temporary file.
             conn.pragma_update(None, "temp_store", "MEMORY")?;
+            // Every change reads the pages of the rows and indexes it writes; with SQLite's
+            // default of 2 MiB, a store of a few ten thousand active runs read them back from
+            // the file (the log) on every commit.
+            conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
             if !target.memory {
                 // The pool switched the file to WAL already; this only confirms it.
                 let mode: String =
