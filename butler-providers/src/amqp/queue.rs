@@ -82,8 +82,9 @@ const H_DEAD_AT: &str = "butler-dead-at";
 ///   [`Queue::depth`] counts every delayed message, whichever process delayed it. Delays are
 ///   rounded up to the next 10 ms.
 /// - `p.held.{instance}`: one durable queue per opened [`AmqpQueue`] (its clones share it),
-///   consumed by it alone, holding its leased messages; deleted when the value is closed or
-///   dropped holding no lease, otherwise by the broker 10 minutes after its connection closed.
+///   made by its first dequeue, consumed by it alone, holding its leased messages; deleted when
+///   the value is closed or dropped holding no lease, otherwise by the broker 10 minutes after
+///   its connection closed. A value that never dequeues makes none.
 ///   Open one value per process and clone it. `p.return` is the headers exchange through which
 ///   held messages go back to `p.q`.
 ///
@@ -147,10 +148,9 @@ struct Session {
     get: Slot,
     /// Declares queues, exchanges and bindings.
     admin: Slot,
-    /// Holds the consumer of the held queue; the leases are deliveries on it.
-    _hold: Channel,
-    _consumer: lapin::Consumer,
-    handoff: Arc<Handoff>,
+    /// The held queue and its consumer, made by the first dequeue: a process that only
+    /// enqueues or reads depths leaves nothing on the broker.
+    held: tokio::sync::OnceCell<Held>,
     leases: Mutex<HashMap<u64, Lease>>,
     lease_changed: Arc<Notify>,
     declared: Mutex<HashSet<String>>,
@@ -161,6 +161,13 @@ struct Session {
 struct Slot {
     confirm: bool,
     channel: tokio::sync::Mutex<Option<Channel>>,
+}
+
+/// This process's held queue, consumed on its own channel; the leases are deliveries on it.
+struct Held {
+    _channel: Channel,
+    _consumer: lapin::Consumer,
+    handoff: Arc<Handoff>,
 }
 
 /// Passes each message a dequeue moved to the held queue from the consumer to that dequeue.
@@ -234,6 +241,12 @@ impl AmqpQueue {
     /// The Butler queues this value (or a clone) has declared on the broker since it connected.
     pub fn queues(&self) -> Vec<String> {
         lock(&self.inner.known).iter().cloned().collect()
+    }
+
+    /// The broker's name of the queue holding this value's leased messages (see the layout
+    /// above); it exists on the broker only once this value or a clone has dequeued.
+    pub fn held_queue(&self) -> String {
+        self.inner.held_queue()
     }
 
     /// Deletes `queue` from the broker: its ready, delayed and dead messages, its queues and its
@@ -564,6 +577,7 @@ impl Inner {
         let dead = short(&names.dead)?;
         let held = short(&self.held_queue())?;
         let held_prefix = format!("{}.held.", self.config.prefix);
+        let handoff = &session.held(self).await?.handoff;
         let get = session.get.channel(&session.connection).await?;
         let publish = session.publish.channel(&session.connection).await?;
         let action = || format!("dequeue from queue {queue:?}");
@@ -642,7 +656,7 @@ impl Inner {
                         &format!("delivered (delivery {}, lease {lease:?})", meta.deliveries),
                     ));
                     let (sender, receiver) = oneshot::channel();
-                    lock(&session.handoff.waiting).insert(token, sender);
+                    lock(&handoff.waiting).insert(token, sender);
                     let confirm = publish
                         .basic_publish(
                             ShortString::default(),
@@ -676,7 +690,7 @@ impl Inner {
                     }
                     Err(e) => {
                         if let Some((token, ..)) = step.lease {
-                            lock(&session.handoff.waiting).remove(&token);
+                            lock(&handoff.waiting).remove(&token);
                         }
                         let requeue = BasicRejectOptions { requeue: true };
                         let _ = step.original.reject(requeue).await;
@@ -720,7 +734,7 @@ impl Inner {
                     }
                     _ => {
                         // When it arrives, the consumer finds no one waiting and gives it back.
-                        lock(&session.handoff.waiting).remove(&token);
+                        lock(&handoff.waiting).remove(&token);
                         tracing::warn!(
                             queue,
                             message_id = meta.id,
@@ -975,55 +989,12 @@ impl Session {
                     e,
                 )
             })?;
-        let admin = Slot::new(false);
-        let channel = admin.channel(&connection).await?;
-        let returns = inner.return_exchange();
-        declare_return_exchange(&channel, &returns).await?;
-        let held = inner.held_queue();
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(returns.into()),
-        );
-        args.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt(HELD_EXPIRES.as_millis() as i64),
-        );
-        channel
-            .queue_declare(short(&held)?, durable_queue(), args)
-            .await
-            .map_err(amqp_error(format!("declare the held queue {held:?}")))?;
-
-        let hold = connection
-            .create_channel()
-            .await
-            .map_err(amqp_error("open a channel"))?;
-        let consumer = hold
-            .basic_consume(
-                short(&held)?,
-                "butler-held".into(),
-                BasicConsumeOptions {
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp_error(format!("consume the held queue {held:?}")))?;
-        let handoff = Arc::new(Handoff::default());
-        let delegate = Arc::clone(&handoff);
-        consumer.set_delegate(move |delivery: DeliveryResult| {
-            let handoff = Arc::clone(&delegate);
-            async move { handoff.deliver(delivery).await }
-        });
         Ok(Session {
             connection,
             publish: Slot::new(true),
             get: Slot::new(false),
-            admin,
-            _hold: hold,
-            _consumer: consumer,
-            handoff,
+            admin: Slot::new(false),
+            held: tokio::sync::OnceCell::new(),
             leases: Mutex::default(),
             lease_changed: Arc::new(Notify::new()),
             declared: Mutex::default(),
@@ -1031,9 +1002,65 @@ impl Session {
         })
     }
 
-    /// Deletes the held queue `held` if this session holds no lease, then closes the connection.
+    /// The held queue of `inner`, declared and consumed on first use.
+    async fn held(&self, inner: &Inner) -> Result<&Held> {
+        self.held
+            .get_or_try_init(|| async {
+                let channel = self.admin.channel(&self.connection).await?;
+                let returns = inner.return_exchange();
+                declare_return_exchange(&channel, &returns).await?;
+                let held = inner.held_queue();
+                let mut args = FieldTable::default();
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString(returns.into()),
+                );
+                args.insert(
+                    "x-expires".into(),
+                    AMQPValue::LongLongInt(HELD_EXPIRES.as_millis() as i64),
+                );
+                channel
+                    .queue_declare(short(&held)?, durable_queue(), args)
+                    .await
+                    .map_err(amqp_error(format!("declare the held queue {held:?}")))?;
+
+                let hold = self
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(amqp_error("open a channel"))?;
+                let consumer = hold
+                    .basic_consume(
+                        short(&held)?,
+                        "butler-held".into(),
+                        BasicConsumeOptions {
+                            exclusive: true,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(amqp_error(format!("consume the held queue {held:?}")))?;
+                let handoff = Arc::new(Handoff::default());
+                let delegate = Arc::clone(&handoff);
+                consumer.set_delegate(move |delivery: DeliveryResult| {
+                    let handoff = Arc::clone(&delegate);
+                    async move { handoff.deliver(delivery).await }
+                });
+                Ok(Held {
+                    _channel: hold,
+                    _consumer: consumer,
+                    handoff,
+                })
+            })
+            .await
+    }
+
+    /// Deletes the held queue `held`, if this session made it and holds no lease, then closes
+    /// the connection.
     async fn shut(&self, held: String) -> Result<()> {
-        if lock(&self.leases).is_empty()
+        if self.held.initialized()
+            && lock(&self.leases).is_empty()
             && let Ok(channel) = self.admin.channel(&self.connection).await
             && let Ok(name) = short(&held)
         {
@@ -1051,7 +1078,11 @@ impl Session {
     }
 
     fn alive(&self) -> bool {
-        self.connection.status().connected() && !self.handoff.broken.load(Ordering::SeqCst)
+        self.connection.status().connected()
+            && !self
+                .held
+                .get()
+                .is_some_and(|held| held.handoff.broken.load(Ordering::SeqCst))
     }
 }
 

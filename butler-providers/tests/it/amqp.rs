@@ -302,3 +302,56 @@ async fn bad_input_and_unreachable_brokers_are_reported() {
     assert_eq!(queue.depth("jobs").await.expect("depth").ready, 0);
     clean_up(&queue).await;
 }
+
+/// Whether queue `name` exists on the broker at `url`, asked with a passive declare.
+async fn exists(url: &str, name: &str) -> bool {
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to the test broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    let found = channel
+        .queue_declare(name.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .is_ok();
+    let _ = connection.close(200, "OK".into()).await;
+    found
+}
+
+#[tokio::test]
+async fn only_a_consumer_leaves_a_held_queue_on_the_broker() {
+    let Some(prefix) = Prefix::new("only_a_consumer_leaves_a_held_queue_on_the_broker") else {
+        return;
+    };
+    let url = prefix.config.url.clone();
+    let producer = prefix.open().await;
+    producer
+        .enqueue("jobs", vec![NewMessage::new("a")])
+        .await
+        .expect("enqueue");
+    assert_eq!(producer.depth("jobs").await.expect("depth").ready, 1);
+    let held = producer.held_queue();
+    assert!(
+        !exists(&url, &held).await,
+        "enqueueing and reading depths make no held queue"
+    );
+
+    let consumer = prefix.open().await;
+    let got = consumer
+        .dequeue("jobs", 1, LONG, Duration::ZERO)
+        .await
+        .expect("dequeue");
+    assert_eq!(payloads(&got), ["a"]);
+    let held = consumer.held_queue();
+    assert!(exists(&url, &held).await, "a dequeue makes its held queue");
+    assert_eq!(consumer.ack(&[got[0].tag]).await.expect("ack"), [true]);
+    clean_up(&consumer).await;
+    assert!(
+        !exists(&url, &held).await,
+        "closing without leases deletes the held queue"
+    );
+    producer.close().await.expect("close");
+}
