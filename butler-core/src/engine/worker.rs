@@ -66,8 +66,10 @@ fn lock_names() -> std::sync::MutexGuard<'static, BTreeSet<String>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Attempts a worker takes at once when they are short: enough to fill a group commit.
-const MAX_PREFETCH_PER_SLOT: usize = 256;
+/// Attempts a worker takes at once when they are short: enough to fill a group commit, and to
+/// keep the store's writer busy while the claims, the results and the plans of the attempts
+/// before them are committed (256 left SQLite's writer idle a third of the time).
+const MAX_PREFETCH_PER_SLOT: usize = 1024;
 /// Effective configs a worker keeps, so the tasks of one run read it once.
 const CONFIG_CACHE: usize = 4096;
 /// Prefetch aims to keep one batch of attempts under this long.
