@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use butler_core::engine::{EngineOptions, LOST_AFTER_HEARTBEATS};
+use butler_core::tracker::Tracker;
 use butler_providers::connect::{self, Backends};
 
 /// The variable that sets how often workers report themselves, in seconds (default 5). Meant
@@ -59,6 +60,16 @@ impl Settings {
     /// Where workflow definitions are looked up when `--definition` is not given.
     pub fn workflows_dir(&self) -> PathBuf {
         self.home.join("workflows")
+    }
+
+    /// The tracker on the store alone, creating Butler's home first when the default store
+    /// lives there. A `--queue` is checked but not opened: only the engine's commands use it.
+    pub async fn tracker(&self) -> Result<Tracker> {
+        if let Some(url) = &self.queue_url {
+            connect::check_queue_url(url)?;
+        }
+        self.create_home()?;
+        Ok(Tracker::new(connect::connect_store(&self.store_url).await?))
     }
 
     /// Opens the store and the task queue, creating Butler's home first when the default store

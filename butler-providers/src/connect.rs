@@ -22,7 +22,7 @@ const STORE_FORMS: &str = "sqlite:///absolute/path.db, sqlite://relative/path.db
 /// Any other scheme, or one whose backend this build was compiled without, fails with
 /// [`Error::NotSupported`] naming the scheme and what to do.
 pub async fn connect_store(url: &str) -> Result<Arc<DynRunStore>> {
-    Ok(connect(url, None).await?.store)
+    Ok(open_store(parse_store(url, "store")?).await?.0)
 }
 
 /// A run store and the queue that carries its task attempts.
@@ -40,23 +40,59 @@ pub struct Backends {
 /// memory). `memory://` is an in-process queue, `amqp://user:pass@host/vhost` a RabbitMQ queue
 /// (feature `amqp`), and a store URL the queue of that store.
 pub async fn connect(store_url: &str, queue_url: Option<&str>) -> Result<Backends> {
-    let (store, own_queue) = open_store(store_url, "store").await?;
-    let queue = match queue_url.map(str::trim) {
-        None | Some("") => own_queue,
-        Some(url) => match scheme(url).map(|s| s.to_ascii_lowercase()).as_deref() {
-            Some("memory") => Arc::new(MemoryQueue::new()) as Arc<DynQueue>,
-            #[cfg(feature = "amqp")]
-            Some("amqp" | "amqps") => Arc::new(crate::amqp::AmqpQueue::connect(url).await?),
-            #[cfg(not(feature = "amqp"))]
-            Some("amqp" | "amqps") => return Err(not_compiled(url, "amqp")),
-            _ => open_store(url, "queue").await?.1,
-        },
+    let queue_url = queue_url.map(parse_queue).transpose()?;
+    let (store, own_queue) = open_store(parse_store(store_url, "store")?).await?;
+    let queue = match queue_url {
+        None => own_queue,
+        #[cfg(feature = "amqp")]
+        Some(QueueUrl::Amqp(url)) => Arc::new(crate::amqp::AmqpQueue::connect(&url).await?),
+        Some(QueueUrl::Store(url)) => open_store(url).await?.1,
     };
     Ok(Backends { store, queue })
 }
 
-/// Opens the backend at `url`; `what` (`store` or `queue`) names the URL in errors.
-async fn open_store(url: &str, what: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
+/// Checks that `queue_url` names a queue this build can open, without opening it: a command
+/// that needs only the store still refuses a mistyped `--queue` rather than ignoring it.
+pub fn check_queue_url(queue_url: &str) -> Result<()> {
+    parse_queue(queue_url).map(drop)
+}
+
+/// A store URL, checked but not yet opened.
+enum StoreUrl {
+    /// A `sqlite:` URL.
+    #[cfg(feature = "sqlite")]
+    Sqlite(String),
+    /// A plain path of a SQLite file.
+    #[cfg(feature = "sqlite")]
+    SqliteFile(String),
+    Memory,
+    /// A `postgres:` URL.
+    #[cfg(feature = "postgres")]
+    Postgres(String),
+}
+
+/// A queue URL, checked but not yet opened.
+enum QueueUrl {
+    /// An `amqp:` URL.
+    #[cfg(feature = "amqp")]
+    Amqp(String),
+    /// The queue of a store, `memory://` for one in this process.
+    Store(StoreUrl),
+}
+
+fn parse_queue(url: &str) -> Result<QueueUrl> {
+    let url = url.trim();
+    match scheme(url).map(|s| s.to_ascii_lowercase()).as_deref() {
+        #[cfg(feature = "amqp")]
+        Some("amqp" | "amqps") => Ok(QueueUrl::Amqp(url.to_owned())),
+        #[cfg(not(feature = "amqp"))]
+        Some("amqp" | "amqps") => Err(not_compiled(url, "amqp")),
+        _ => parse_store(url, "queue").map(QueueUrl::Store),
+    }
+}
+
+/// Checks the store URL `url`; `what` (`store` or `queue`) names the URL in errors.
+fn parse_store(url: &str, what: &str) -> Result<StoreUrl> {
     let url = url.trim();
     if url.is_empty() {
         return Err(Error::InvalidInput(format!(
@@ -64,29 +100,25 @@ async fn open_store(url: &str, what: &str) -> Result<(Arc<DynRunStore>, Arc<DynQ
         )));
     }
     let Some(scheme) = scheme(url) else {
-        return open_sqlite_file(url).await;
+        #[cfg(feature = "sqlite")]
+        return Ok(StoreUrl::SqliteFile(url.to_owned()));
+        #[cfg(not(feature = "sqlite"))]
+        return Err(not_compiled(url, "sqlite"));
     };
     match scheme.to_ascii_lowercase().as_str() {
         #[cfg(feature = "sqlite")]
-        "sqlite" => sqlite_backends(crate::sqlite::SqliteStore::connect(url).await?),
+        "sqlite" => Ok(StoreUrl::Sqlite(url.to_owned())),
         #[cfg(not(feature = "sqlite"))]
         "sqlite" => Err(not_compiled(url, "sqlite")),
         "memory" => match url[scheme.len()..].trim_start_matches(':') {
-            "" | "//" => Ok((
-                Arc::new(MemoryRunStore::new()),
-                Arc::new(MemoryQueue::new()),
-            )),
+            "" | "//" => Ok(StoreUrl::Memory),
             _ => Err(Error::InvalidInput(format!(
                 "the {what} URL {url:?} has a path, but an in-memory {what} takes none; write \
                  memory://"
             ))),
         },
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => {
-            let store = crate::postgres::PgStore::connect(url).await?;
-            let queue = crate::postgres::PgQueue::new(store.pool().clone());
-            Ok((Arc::new(store), Arc::new(queue)))
-        }
+        "postgres" | "postgresql" => Ok(StoreUrl::Postgres(url.to_owned())),
         #[cfg(not(feature = "postgres"))]
         "postgres" | "postgresql" => Err(not_compiled(url, "postgres")),
         "amqp" | "amqps" => Err(Error::InvalidInput(format!(
@@ -96,6 +128,29 @@ async fn open_store(url: &str, what: &str) -> Result<(Arc<DynRunStore>, Arc<DynQ
         _ => Err(Error::NotSupported(format!(
             "unknown {what} URL scheme `{scheme}`; give one of: {STORE_FORMS}"
         ))),
+    }
+}
+
+/// Opens the store `url` names and its own queue.
+async fn open_store(url: StoreUrl) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
+    match url {
+        #[cfg(feature = "sqlite")]
+        StoreUrl::Sqlite(url) => sqlite_backends(crate::sqlite::SqliteStore::connect(&url).await?),
+        #[cfg(feature = "sqlite")]
+        StoreUrl::SqliteFile(path) => {
+            let config = crate::sqlite::SqliteConfig::new(&path);
+            sqlite_backends(crate::sqlite::SqliteStore::open(&config).await?)
+        }
+        StoreUrl::Memory => Ok((
+            Arc::new(MemoryRunStore::new()),
+            Arc::new(MemoryQueue::new()),
+        )),
+        #[cfg(feature = "postgres")]
+        StoreUrl::Postgres(url) => {
+            let store = crate::postgres::PgStore::connect(&url).await?;
+            let queue = crate::postgres::PgQueue::new(store.pool().clone());
+            Ok((Arc::new(store), Arc::new(queue)))
+        }
     }
 }
 
@@ -119,17 +174,6 @@ fn scheme(url: &str) -> Option<&str> {
     let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
     (valid && scheme.len() > 1).then_some(scheme)
-}
-
-#[cfg(feature = "sqlite")]
-async fn open_sqlite_file(path: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
-    let config = crate::sqlite::SqliteConfig::new(path);
-    sqlite_backends(crate::sqlite::SqliteStore::open(&config).await?)
-}
-
-#[cfg(not(feature = "sqlite"))]
-async fn open_sqlite_file(path: &str) -> Result<(Arc<DynRunStore>, Arc<DynQueue>)> {
-    Err(not_compiled(path, "sqlite"))
 }
 
 #[cfg_attr(
@@ -185,6 +229,20 @@ mod tests {
             assert!(matches!(err, Error::NotSupported(_)), "{err:?}");
             assert!(message.contains("`sqlite`"), "{message}");
         }
+    }
+
+    #[test]
+    fn queue_urls_are_checked_without_opening_them() {
+        let err = check_queue_url("carrier-pigeon://loft").expect_err("no such queue");
+        assert!(err.to_string().contains("`carrier-pigeon`"), "{err}");
+        let err = check_queue_url("memory://somewhere").expect_err("a memory queue has no path");
+        assert!(err.to_string().contains("memory://"), "{err}");
+        check_queue_url("memory://").expect("an in-process queue");
+        // Nothing listens on port 1: a check that connected would fail.
+        #[cfg(feature = "amqp")]
+        check_queue_url("amqp://guest:guest@127.0.0.1:1/%2f").expect("a RabbitMQ queue");
+        #[cfg(feature = "sqlite")]
+        check_queue_url("sqlite:///no/such/dir/queue.db").expect("a SQLite store's queue");
     }
 
     #[test]

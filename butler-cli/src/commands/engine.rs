@@ -30,18 +30,21 @@ const NAMED_FAILURES: usize = 5;
 /// Launches the runs, then executes them in this process when `--wait` is given.
 pub async fn launch_workflow(
     settings: &Settings,
-    backends: &Backends,
-    tracker: &Tracker,
     args: LaunchWorkflow,
     out: &mut impl Write,
 ) -> Result<()> {
-    let runs = launch::launch(tracker, &args, out).await?;
     if !args.wait {
-        return Ok(());
+        return launch::launch(&settings.tracker().await?, &args, out)
+            .await
+            .map(drop);
     }
+    // The queue is opened before anything is launched, so a queue that cannot be reached
+    // leaves no runs behind that this command promised to run.
+    let backends = settings.connect().await?;
+    let runs = launch::launch(&Tracker::new(backends.store.clone()), &args, out).await?;
     out.flush()?;
     let slots = settings.slots(args.slots);
-    run_to_the_end(settings, backends, &runs, slots).await
+    run_to_the_end(settings, &backends, &runs, slots).await
 }
 
 /// Executes every unfinished run matching the filter in this process until all have finished.

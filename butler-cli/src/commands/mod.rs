@@ -14,7 +14,6 @@ mod workflow;
 use std::io::{self, Write};
 
 use anyhow::{Context, Result};
-use butler_core::tracker::Tracker;
 
 use crate::opt::{Command, Opt};
 use crate::settings::Settings;
@@ -48,46 +47,54 @@ fn runs_engine(command: &Command) -> bool {
     }
 }
 
+/// Runs `command`. The engine's commands open the store and the queue; the others open the
+/// store alone, so they work while a broker is down.
 async fn dispatch(settings: &Settings, command: Command) -> Result<()> {
-    let mut out = io::stdout().lock();
+    let mut stdout = io::stdout().lock();
+    let out = &mut stdout;
     match command {
-        // The doctor reports a store it cannot open rather than failing on it.
-        Command::Doctor => doctor::run(settings, &mut out).await?,
-        command => connected(settings, command, &mut out).await?,
-    }
-    out.flush()?;
-    Ok(())
-}
-
-/// Runs a command that needs the store and the queue open.
-async fn connected(settings: &Settings, command: Command, out: &mut impl Write) -> Result<()> {
-    let backends = settings.connect().await?;
-    let tracker = Tracker::new(backends.store.clone());
-    match command {
-        Command::CreateWorkflow(args) => workflow::create(&tracker, settings, args, out).await?,
-        Command::ListWorkflows(args) => workflow::list(&tracker, args.json, out).await?,
-        Command::CreateAnalysis(args) => analysis::create(&tracker, args, out).await?,
-        Command::ListAnalyses(args) => analysis::list(&tracker, args.json, out).await?,
-        Command::LaunchWorkflow(args) => {
-            engine::launch_workflow(settings, &backends, &tracker, args, out).await?
+        Command::CreateWorkflow(args) => {
+            workflow::create(&settings.tracker().await?, settings, args, out).await?
         }
-        Command::ListRuns(args) => runs::list(&tracker, args, out).await?,
-        Command::GetRunCount(args) => runs::count(&tracker, args, out).await?,
-        Command::UpdateConfig(args) => config::update(&tracker, args, out).await?,
-        Command::PrintEffectiveConfig(args) => config::effective(&tracker, args, out).await?,
-        Command::PrintConfig(args) => config::print(&tracker, args, out).await?,
-        Command::Wait(args) => engine::wait(settings, &backends, args).await?,
-        Command::Server(args) => engine::server(settings, &backends, args).await?,
-        Command::Scheduler => engine::scheduler(settings, &backends).await?,
-        Command::Worker(args) => engine::worker(settings, &backends, args).await?,
-        Command::ListWorkers(args) => workers::list(&tracker, settings, args.json, out).await?,
+        Command::ListWorkflows(args) => {
+            workflow::list(&settings.tracker().await?, args.json, out).await?
+        }
+        Command::CreateAnalysis(args) => {
+            analysis::create(&settings.tracker().await?, args, out).await?
+        }
+        Command::ListAnalyses(args) => {
+            analysis::list(&settings.tracker().await?, args.json, out).await?
+        }
+        Command::LaunchWorkflow(args) => engine::launch_workflow(settings, args, out).await?,
+        Command::ListRuns(args) => runs::list(&settings.tracker().await?, args, out).await?,
+        Command::GetRunCount(args) => runs::count(&settings.tracker().await?, args, out).await?,
+        Command::UpdateConfig(args) => {
+            config::update(&settings.tracker().await?, args, out).await?
+        }
+        Command::PrintEffectiveConfig(args) => {
+            config::effective(&settings.tracker().await?, args, out).await?
+        }
+        Command::PrintConfig(args) => config::print(&settings.tracker().await?, args, out).await?,
+        Command::Wait(args) => engine::wait(settings, &settings.connect().await?, args).await?,
+        Command::Server(args) => engine::server(settings, &settings.connect().await?, args).await?,
+        Command::Scheduler => engine::scheduler(settings, &settings.connect().await?).await?,
+        Command::Worker(args) => engine::worker(settings, &settings.connect().await?, args).await?,
+        Command::ListWorkers(args) => {
+            workers::list(&settings.tracker().await?, settings, args.json, out).await?
+        }
+        // The doctor reports a store it cannot open rather than failing on it.
         Command::Doctor => doctor::run(settings, out).await?,
-        Command::RunStatus(args) => status::run_status(&tracker, args, out).await?,
-        Command::Logs(args) => status::logs(&tracker, settings.home(), args, out).await?,
-        Command::Events(args) => status::events(&tracker, args, out).await?,
-        Command::ResetRun(args) => status::reset(&tracker, args, out).await?,
-        Command::CancelRun(args) => status::cancel(&tracker, args, out).await?,
-        Command::Token(command) => tokens::run(&tracker, command, out).await?,
+        Command::RunStatus(args) => {
+            status::run_status(&settings.tracker().await?, args, out).await?
+        }
+        Command::Logs(args) => {
+            status::logs(&settings.tracker().await?, settings.home(), args, out).await?
+        }
+        Command::Events(args) => status::events(&settings.tracker().await?, args, out).await?,
+        Command::ResetRun(args) => status::reset(&settings.tracker().await?, args, out).await?,
+        Command::CancelRun(args) => status::cancel(&settings.tracker().await?, args, out).await?,
+        Command::Token(command) => tokens::run(&settings.tracker().await?, command, out).await?,
     }
+    stdout.flush()?;
     Ok(())
 }

@@ -442,3 +442,52 @@ fn the_queue_url_chooses_where_task_attempts_wait() {
     let error = sandbox.fail(&["list-runs", "--queue", "carrier-pigeon://loft"]);
     assert!(error.contains("carrier-pigeon"), "{error}");
 }
+
+#[test]
+fn only_the_engine_needs_the_queue_to_be_reachable() {
+    let sandbox = Sandbox::new();
+    let workflow = sandbox.hello_workflow().to_string();
+    let analysis = sandbox.hello_analysis().to_string();
+    let runs = example("hello").join("runs");
+    // Nothing listens on port 1: every connection to this broker is refused.
+    let down = "amqp://guest:guest@127.0.0.1:1/%2f";
+
+    let error = sandbox.fail(&[
+        "launch-workflow",
+        "-w",
+        &workflow,
+        "-a",
+        &analysis,
+        "-c",
+        path_str(&runs),
+        "--wait",
+        "--queue",
+        down,
+    ]);
+    assert!(error.contains("127.0.0.1:1"), "{error}");
+    assert!(
+        sandbox.run_statuses().is_empty(),
+        "a failed launch left runs"
+    );
+
+    let launched = sandbox.ok(&[
+        "launch-workflow",
+        "-w",
+        &workflow,
+        "-a",
+        &analysis,
+        "-c",
+        path_str(&runs),
+        "--queue",
+        down,
+    ]);
+    assert!(
+        launched.stderr.contains("Launched 2 runs"),
+        "{}",
+        launched.stderr
+    );
+    let listed = sandbox.ok(&["list-runs", "--queue", down]).stdout;
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+    sandbox.ok(&["cancel-run", "-r", "1", "--queue", down]);
+    assert_eq!(sandbox.run_statuses(), ["cancelled", "ready"]);
+}
