@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use butler_core::DynRunStore;
 use butler_core::definition::{Definition, Format};
-use butler_core::engine::{Engine, EngineOptions};
+use butler_core::engine::{DEFAULT_TASK_QUEUE, Engine, EngineOptions};
 use butler_core::executor::{Attempt, CancellationToken, DynExecutor, Executor, Finished, Outcome};
 use butler_core::model::{Id, RunFilter, RunStatus};
 use butler_core::queue::DynQueue;
@@ -53,12 +53,19 @@ enum Database {
     Postgres(sqlx::PgPool),
 }
 
+/// What a scenario made outside its temporary directory, to remove when it ends.
+struct Made {
+    database: Database,
+    /// The RabbitMQ queue of `--queue`, whose queues stay on the broker until deleted.
+    amqp: Option<AmqpQueue>,
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     home: std::path::PathBuf,
     store: Arc<DynRunStore>,
     queue: Arc<DynQueue>,
-    database: Database,
+    made: Made,
     tracker: Tracker,
     workflow: Id,
     analysis: Id,
@@ -70,7 +77,7 @@ struct Setup {
 async fn backends(
     args: &Args,
     dir: &std::path::Path,
-) -> anyhow::Result<(Arc<DynRunStore>, Arc<DynQueue>, Database)> {
+) -> anyhow::Result<(Arc<DynRunStore>, Arc<DynQueue>, Made)> {
     let tag = format!("bench_{}", std::process::id());
     let (store, own_queue, database): (Arc<DynRunStore>, Arc<DynQueue>, Database) =
         match args.db.as_deref() {
@@ -94,21 +101,26 @@ async fn backends(
                 (Arc::new(store), Arc::new(queue), Database::Sqlite(pool))
             }
         };
-    let queue: Arc<DynQueue> = match args.queue.as_deref() {
-        None => own_queue,
+    let (queue, amqp): (Arc<DynQueue>, _) = match args.queue.as_deref() {
+        None => (own_queue, None),
         Some(url) if url.starts_with("amqp") => {
             let joiner = if url.contains('?') { '&' } else { '?' };
-            Arc::new(AmqpQueue::connect(&format!("{url}{joiner}prefix={tag}")).await?)
+            let amqp = AmqpQueue::connect(&format!("{url}{joiner}prefix={tag}")).await?;
+            (Arc::new(amqp.clone()), Some(amqp))
         }
         Some(other) => anyhow::bail!("--queue takes an amqp:// URL; got {other:?}"),
     };
-    Ok((store, queue, database))
+    Ok((store, queue, Made { database, amqp }))
 }
 
 impl Setup {
-    /// Drops the PostgreSQL schema the scenario made.
+    /// Drops the PostgreSQL schema and deletes the RabbitMQ queues the scenario made.
     async fn clean_up(self) -> anyhow::Result<()> {
-        if let Database::Postgres(pool) = &self.database {
+        if let Some(amqp) = &self.made.amqp {
+            amqp.delete_queue(DEFAULT_TASK_QUEUE).await?;
+            amqp.close().await?;
+        }
+        if let Database::Postgres(pool) = &self.made.database {
             let schema: String = sqlx::query_scalar("SELECT current_schema()")
                 .fetch_one(pool)
                 .await?;
@@ -124,7 +136,7 @@ impl Setup {
 
 async fn setup(args: &Args, definition: &str) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
-    let (store, queue, database) = backends(args, dir.path()).await?;
+    let (store, queue, made) = backends(args, dir.path()).await?;
     let tracker = Tracker::new(store.clone());
     let definition = Definition::parse(definition, Format::Toml, "bench.toml")?;
     let workflow = tracker
@@ -138,7 +150,7 @@ async fn setup(args: &Args, definition: &str) -> anyhow::Result<Setup> {
         _dir: dir,
         store,
         queue,
-        database,
+        made,
         tracker,
         workflow: workflow.id,
         analysis: analysis.id,
@@ -209,7 +221,7 @@ fn all_completed(finished: &[butler_core::engine::RunFinished]) -> anyhow::Resul
 async fn commits_per_second(s: &Setup) -> anyhow::Result<f64> {
     let begin = Instant::now();
     let mut n: i64 = 0;
-    match &s.database {
+    match &s.made.database {
         Database::Sqlite(pool) => {
             sqlx::query(
                 "CREATE TABLE IF NOT EXISTS bench_probe (id INTEGER PRIMARY KEY, v INTEGER)",
@@ -250,11 +262,7 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let runs = launch(&s, count, count).await?;
     let took_apart = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs, true).await?;
     let commits = commits_per_second(&s).await?;
-    let dead = s
-        .queue
-        .depth(butler_core::engine::DEFAULT_TASK_QUEUE)
-        .await?
-        .dead;
+    let dead = s.queue.depth(DEFAULT_TASK_QUEUE).await?.dead;
     let backend = backend_name(args);
     s.clean_up().await?;
     let in_memory = noop_in_memory(count).await?;
