@@ -83,32 +83,47 @@ impl Renderer {
     /// the effective config does not define; add `test_message` to the workflow, analysis or
     /// run config".
     pub fn render(&self, effective: &Value) -> Result<Vec<RenderedTask>> {
-        let context = minijinja::context! {
-            config => minijinja::Value::from(minijinja::value::Serde(effective)),
-        };
+        let context = context(effective);
         self.tasks
             .iter()
-            .map(|task| {
-                let command = match &task.python {
-                    Some(target) => target.clone(),
-                    None => self.render_one(task, &task.run, Part::Run, &context, effective)?,
-                };
-                let env = task
-                    .env
-                    .iter()
-                    .map(|(name, template)| {
-                        let value =
-                            self.render_one(task, template, Part::Env(name), &context, effective)?;
-                        Ok((name.clone(), value))
-                    })
-                    .collect::<Result<_>>()?;
-                Ok(RenderedTask {
-                    id: task.id.clone(),
-                    command,
-                    env,
-                })
-            })
+            .map(|task| self.render_templates(task, &context, effective))
             .collect()
+    }
+
+    /// Renders the task `id` alone against `effective`, as [`Renderer::render`] does; `None`
+    /// if the definition has no such task. An attempt renders only its own task, so a run of
+    /// many tasks does not render every template for each of them.
+    pub fn render_task(&self, id: &str, effective: &Value) -> Result<Option<RenderedTask>> {
+        self.tasks
+            .iter()
+            .find(|task| task.id == id)
+            .map(|task| self.render_templates(task, &context(effective), effective))
+            .transpose()
+    }
+
+    fn render_templates(
+        &self,
+        task: &TaskTemplates,
+        context: &minijinja::Value,
+        effective: &Value,
+    ) -> Result<RenderedTask> {
+        let command = match &task.python {
+            Some(target) => target.clone(),
+            None => self.render_one(task, &task.run, Part::Run, context, effective)?,
+        };
+        let env = task
+            .env
+            .iter()
+            .map(|(name, template)| {
+                let value = self.render_one(task, template, Part::Env(name), context, effective)?;
+                Ok((name.clone(), value))
+            })
+            .collect::<Result<_>>()?;
+        Ok(RenderedTask {
+            id: task.id.clone(),
+            command,
+            env,
+        })
     }
 
     fn render_one(
@@ -125,6 +140,13 @@ impl Renderer {
         template
             .render(context)
             .map_err(|err| render_error(&err, &task.id, part, &template, effective))
+    }
+}
+
+/// The one variable templates see: `config`, the effective config.
+fn context(effective: &Value) -> minijinja::Value {
+    minijinja::context! {
+        config => minijinja::Value::from(minijinja::value::Serde(effective)),
     }
 }
 
@@ -478,6 +500,24 @@ mod tests {
             }
             other => panic!("expected InvalidInput, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn one_task_renders_without_the_others_templates() {
+        let mut config = full_config();
+        config.as_object_mut().unwrap().remove("test_message");
+        let renderer = renderer();
+        assert!(
+            renderer.render(&config).is_err(),
+            "`say` needs test_message"
+        );
+        let all = renderer.render(&full_config()).unwrap();
+        for task in all.iter().filter(|t| t.id != "say") {
+            let alone = renderer.render_task(&task.id, &config).unwrap();
+            assert_eq!(alone.as_ref(), Some(task));
+        }
+        assert!(renderer.render_task("say", &config).is_err());
+        assert_eq!(renderer.render_task("nosuch", &config).unwrap(), None);
     }
 
     #[test]

@@ -567,7 +567,7 @@ impl Worker {
         let lost = renewal.lost.clone();
         let started = Instant::now();
         let execution = async {
-            match renderer.render(&config) {
+            match renderer.render_task(&task.task_id, &config) {
                 Err(err) => Finished {
                     outcome: Outcome::FailedToStart {
                         reason: err.to_string(),
@@ -576,7 +576,6 @@ impl Worker {
                     duration: Duration::ZERO,
                 },
                 Ok(rendered) => {
-                    let rendered = rendered.into_iter().find(|r| r.id == task.task_id);
                     let (command, env) = rendered.map(|r| (r.command, r.env)).unwrap_or_default();
                     let attempt = Attempt {
                         run_id,
