@@ -326,29 +326,49 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
          [[tasks]]\nid = \"c\"\nneeds = [\"b\"]\nrun = \"true\"\n",
     )
     .await?;
+    let tasks = count * 3;
     // The floor: the same processes spawned directly, two at a time.
-    let begin = Instant::now();
-    let spawned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut lanes = Vec::new();
-    for _ in 0..2 {
-        let spawned = spawned.clone();
-        lanes.push(tokio::spawn(async move {
-            while spawned.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < count * 3 {
-                tokio::process::Command::new("sh")
-                    .args(["-c", "true"])
-                    .status()
-                    .await?;
-            }
+    let cpu = process_cpu();
+    let floor = two_at_a_time(tasks, |_| async {
+        tokio::process::Command::new("sh")
+            .args(["-c", "true"])
+            .status()
+            .await?;
+        anyhow::Ok(())
+    })
+    .await?;
+    let floor_cpu = process_cpu() - cpu;
+    // The executor alone: the same attempts, each with its directory, config, log and process
+    // group, but no store, queue or scheduler.
+    let executor = Arc::new(LocalExecutor::new());
+    let home = s.home.join("executor-alone");
+    let cpu = process_cpu();
+    let shared = executor.clone();
+    let alone = two_at_a_time(tasks, move |n| {
+        let executor = shared.clone();
+        let attempt = Attempt {
+            run_id: Id::try_from(n).unwrap_or(Id::MAX),
+            task_id: "a".to_owned(),
+            try_number: 1,
+            command: "true".to_owned(),
+            env: Default::default(),
+            workdir: home.join(n.to_string()),
+            config: json!({}),
+            timeout: None,
+        };
+        async move {
+            executor.execute(attempt, CancellationToken::new()).await?;
             anyhow::Ok(())
-        }));
-    }
-    for lane in lanes {
-        lane.await??;
-    }
-    let floor = secs(begin);
+        }
+    })
+    .await?;
+    let alone_cpu = process_cpu() - cpu;
     let runs = launch(&s, 0, count).await?;
-    let took = run_all(&s, Arc::new(LocalExecutor::new()), 2, &runs, false).await?;
+    let cpu = process_cpu();
+    let took = run_all(&s, executor, 2, &runs, false).await?;
+    let engine_cpu = process_cpu() - cpu;
     s.clean_up().await?;
+    let per_task = |cpu: Duration| cpu.as_secs_f64() * 1e6 / tasks as f64;
     Ok(vec![
         Figure::new(
             "shell",
@@ -358,10 +378,70 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
         )
         .limit(
             floor,
-            format!("spawn {} `sh -c true` directly, two at a time", count * 3),
+            format!("spawn {tasks} `sh -c true` directly, two at a time"),
         ),
         Figure::new("shell", "makespan / spawn floor", took / floor, "x"),
+        Figure::new(
+            "shell",
+            format!("the local executor alone: {tasks} attempts, two at a time"),
+            alone,
+            "s",
+        )
+        .limit(floor, "the spawn floor"),
+        Figure::new(
+            "shell",
+            "Butler's process CPU per task, running the runs (outside the `sh`s)",
+            per_task(engine_cpu),
+            "us",
+        )
+        .limit(per_task(floor_cpu), "the same, spawning directly"),
+        Figure::new(
+            "shell",
+            "the same, the local executor alone",
+            per_task(alone_cpu),
+            "us",
+        )
+        .limit(per_task(floor_cpu), "the same, spawning directly"),
     ])
+}
+
+/// Runs `job(0)` … `job(count - 1)`, two at a time; returns the seconds they took.
+async fn two_at_a_time<F, J>(count: usize, job: J) -> anyhow::Result<f64>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    J: Fn(usize) -> F + Send + Sync + 'static,
+{
+    let begin = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let job = Arc::new(job);
+    let mut lanes = Vec::new();
+    for _ in 0..2 {
+        let (next, job) = (next.clone(), job.clone());
+        lanes.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n >= count {
+                    return anyhow::Ok(());
+                }
+                job(n).await?;
+            }
+        }));
+    }
+    for lane in lanes {
+        lane.await??;
+    }
+    Ok(secs(begin))
+}
+
+/// The CPU time this process's threads have used, user and system; not its children's.
+fn process_cpu() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF).map_or(Duration::ZERO, |usage| {
+        let time = |t: nix::sys::time::TimeVal| {
+            Duration::new(t.tv_sec().max(0) as u64, t.tv_usec().max(0) as u32 * 1000)
+        };
+        time(usage.user_time()) + time(usage.system_time())
+    })
 }
 
 pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
