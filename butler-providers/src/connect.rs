@@ -35,12 +35,15 @@ pub struct Backends {
 }
 
 /// Opens the run store named by `store_url` (forms as in [`connect_store`]) and the queue named
-/// by `queue_url`; without one, the queue lives in the store itself (a SQLite store's queue is
-/// in the same database file, a PostgreSQL store's in the same schema, a memory store's in
-/// memory). `memory://` is an in-process queue, `amqp://user:pass@host/vhost` a RabbitMQ queue
+/// by `queue_url`; without one (or with an empty one), the queue lives in the store itself (a
+/// SQLite store's queue is in the same database file, a PostgreSQL store's in the same schema,
+/// a memory store's in memory). `memory://` is an in-process queue, `amqp://user:pass@host/vhost` a RabbitMQ queue
 /// (feature `amqp`), and a store URL the queue of that store.
 pub async fn connect(store_url: &str, queue_url: Option<&str>) -> Result<Backends> {
-    let queue_url = queue_url.map(parse_queue).transpose()?;
+    let queue_url = queue_url
+        .filter(|url| !url.trim().is_empty())
+        .map(parse_queue)
+        .transpose()?;
     let (store, own_queue) = open_store(parse_store(store_url, "store")?).await?;
     let queue = match queue_url {
         None => own_queue,
