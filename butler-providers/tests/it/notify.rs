@@ -449,7 +449,17 @@ async fn failures_reach_a_webhook_and_a_chat_hook_that_fails_twice_first() {
         );
         assert_eq!(request.body["blocks"][0]["type"], "header");
     }
+    // The notifier counts a delivery once it has read the answer, just after the receiver saw it.
     let chat_stats = watcher.stats("chat").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while chat_stats.snapshot().0 < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "sent: {:?}",
+            chat_stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(chat_stats.snapshot(), (2, 0, 0));
     assert_eq!(
         chat_stats
