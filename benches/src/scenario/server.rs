@@ -213,7 +213,10 @@ impl Server {
                 {
                     let _ = tx.send(format!("http://{addr}"));
                 }
-                eprintln!("server: {line}");
+                // The access log, a line per request, would bury everything else.
+                if !line.contains("request served") {
+                    eprintln!("server: {line}");
+                }
             }
         });
         let base = rx
