@@ -152,7 +152,8 @@ impl Error {
         }
         Error::Conflict(format!(
             "{} run config(s) were already launched for this workflow and analysis; no run was \
-             created:\n{}\nPass --allow-duplicates to launch them again.",
+             created:\n{}\nTo launch them again as new runs, allow duplicates \
+             (`--allow-duplicates` on the command line, `allow_duplicates=True` in Python).",
             duplicates.len(),
             lines.join("\n")
         ))

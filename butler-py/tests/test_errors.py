@@ -165,6 +165,7 @@ def test_duplicate_launch(client: butler.Client, hello) -> None:
     message = str(caught.value)
     assert message.startswith("1 run config(s) were already launched for this workflow and analysis")
     assert f"{HELLO / 'runs' / 'run-1.json'} duplicates run 1" in message
+    assert "allow_duplicates=True" in message
     assert len(client.runs()) == 2
 
 
