@@ -125,8 +125,9 @@ fn parse_store(url: &str, what: &str) -> Result<StoreUrl> {
         #[cfg(not(feature = "postgres"))]
         "postgres" | "postgresql" => Err(not_compiled(url, "postgres")),
         "amqp" | "amqps" => Err(Error::InvalidInput(format!(
-            "an `{scheme}:` URL names a RabbitMQ queue, not a {what}; give it as --queue \
-             (BUTLER_QUEUE) and the store as --db (BUTLER_DB)"
+            "an `{scheme}:` URL names a RabbitMQ queue, not a {what}; give it as the queue \
+             (--queue, BUTLER_QUEUE, or `queue=` in Python) and the store as the db (--db, \
+             BUTLER_DB, or `db=`)"
         ))),
         _ => Err(Error::NotSupported(format!(
             "unknown {what} URL scheme `{scheme}`; give one of: {STORE_FORMS}"
@@ -246,6 +247,19 @@ mod tests {
         check_queue_url("amqp://guest:guest@127.0.0.1:1/%2f").expect("a RabbitMQ queue");
         #[cfg(feature = "sqlite")]
         check_queue_url("sqlite:///no/such/dir/queue.db").expect("a SQLite store's queue");
+    }
+
+    #[test]
+    fn a_rabbitmq_url_as_the_store_says_where_it_belongs() {
+        let Err(err) = parse_store("amqp://guest:guest@127.0.0.1/%2f", "store") else {
+            panic!("a RabbitMQ URL is no store");
+        };
+        let message = err.to_string();
+        assert!(message.contains("names a RabbitMQ queue"), "{message}");
+        assert!(
+            message.contains("--queue") && message.contains("`queue=`"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl SqliteStore {
                 Error::unavailable(
                     format!(
                         "cannot create the directory {} for {location}; check its permissions \
-                         or point --db at another place",
+                         or point the store elsewhere (--db, BUTLER_DB, or `db=` in Python)",
                         parent.display()
                     ),
                     e,
