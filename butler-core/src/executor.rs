@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::{self, Debug};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -56,8 +57,9 @@ pub struct Attempt {
     pub env: BTreeMap<String, String>,
     /// The attempt's directory (see [`attempt_dir`]); the executor creates it.
     pub workdir: PathBuf,
-    /// The run's effective config; the executor writes it to `workdir/config.json`.
-    pub config: serde_json::Value,
+    /// The run's effective config; the executor writes it to `workdir/config.json`. Shared:
+    /// every attempt of a run has the same one.
+    pub config: Arc<serde_json::Value>,
     /// Longest time from start to close; `None` lets the command run until it ends.
     pub timeout: Option<Duration>,
 }

@@ -353,7 +353,7 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
             command: "true".to_owned(),
             env: Default::default(),
             workdir: home.join(n.to_string()),
-            config: json!({}),
+            config: json!({}).into(),
             timeout: None,
         };
         async move {

@@ -232,7 +232,7 @@ async fn check_executor<W: Write>(report: &mut Report<'_, W>) -> Result<()> {
         command: "true".to_owned(),
         env: Default::default(),
         workdir: workdir.clone(),
-        config: serde_json::json!({}),
+        config: serde_json::json!({}).into(),
         timeout: Some(CHECK_TIMEOUT),
     };
     let started = Instant::now();

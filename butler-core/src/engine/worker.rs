@@ -589,7 +589,7 @@ impl Worker {
                             &task.task_id,
                             task.try_number,
                         ),
-                        config: (*config).clone(),
+                        config: config.clone(),
                         timeout: def.timeout,
                     };
                     match self.executor.execute(attempt, cancel.clone()).await {

@@ -45,7 +45,7 @@ impl Executor for LocalExecutor {
         fs::create_dir_all(&workdir)
             .map_err(|e| setup_error("cannot create the attempt directory", &workdir, e))?;
         let config_path = workdir.join(CONFIG_FILE);
-        let config = serde_json::to_vec_pretty(&attempt.config).map_err(|e| {
+        let config = serde_json::to_vec_pretty(&*attempt.config).map_err(|e| {
             Error::backend(
                 format!("cannot serialize the config of task {}", attempt.task_id),
                 e,

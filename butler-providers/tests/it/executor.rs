@@ -18,7 +18,7 @@ fn attempt(home: &Path, command: &str) -> Attempt {
         command: command.to_owned(),
         env: BTreeMap::new(),
         workdir: attempt_dir(home, 7, "align", 2),
-        config: json!({"run_id": 7, "sample": "S1", "threads": [1, 2]}),
+        config: json!({"run_id": 7, "sample": "S1", "threads": [1, 2]}).into(),
         timeout: None,
     }
 }
@@ -129,7 +129,7 @@ async fn butler_variables_point_at_the_attempt_and_its_config() {
     assert!(config_path.is_absolute());
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    assert_eq!(written, config);
+    assert_eq!(written, *config);
 }
 
 #[tokio::test]
