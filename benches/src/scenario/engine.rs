@@ -264,8 +264,27 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let commits = commits_per_second(&s).await?;
     let dead = s.queue.depth(DEFAULT_TASK_QUEUE).await?.dead;
     let backend = backend_name(args);
+    let broker = match &s.made.amqp {
+        Some(amqp) => Some(
+            super::broker::messages_per_second(
+                &amqp.config().url,
+                &format!("{}.probe", amqp.config().prefix),
+                count,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     s.clean_up().await?;
     let in_memory = noop_in_memory(count).await?;
+    let apart_limit = match broker {
+        Some(rate) => (
+            rate,
+            "persistent messages/s through one queue of the same broker (confirmed publish, \
+             consume, ack)",
+        ),
+        None => (commits, "single-row commits/s to the same database"),
+    };
     Ok(vec![
         Figure::new(
             "noop",
@@ -295,7 +314,7 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
             count as f64 / took_apart,
             "tasks/s",
         )
-        .limit(commits, "single-row commits/s to the same database"),
+        .limit(apart_limit.0, apart_limit.1),
     ])
 }
 

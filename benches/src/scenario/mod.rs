@@ -1,5 +1,6 @@
 //! The scenarios and what they share.
 
+mod broker;
 mod engine;
 mod launch;
 mod list;
