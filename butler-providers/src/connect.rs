@@ -48,7 +48,7 @@ pub async fn connect(store_url: &str, queue_url: Option<&str>) -> Result<Backend
     let queue = match queue_url {
         None => own_queue,
         #[cfg(feature = "amqp")]
-        Some(QueueUrl::Amqp(url)) => Arc::new(crate::amqp::AmqpQueue::connect(&url).await?),
+        Some(QueueUrl::Amqp(config)) => Arc::new(crate::amqp::AmqpQueue::open(config).await?),
         Some(QueueUrl::Store(url)) => open_store(url).await?.1,
     };
     Ok(Backends { store, queue })
@@ -76,9 +76,9 @@ enum StoreUrl {
 
 /// A queue URL, checked but not yet opened.
 enum QueueUrl {
-    /// An `amqp:` URL.
+    /// An `amqp:` URL, its settings read and checked.
     #[cfg(feature = "amqp")]
-    Amqp(String),
+    Amqp(crate::amqp::AmqpConfig),
     /// The queue of a store, `memory://` for one in this process.
     Store(StoreUrl),
 }
@@ -87,7 +87,11 @@ fn parse_queue(url: &str) -> Result<QueueUrl> {
     let url = url.trim();
     match scheme(url).map(|s| s.to_ascii_lowercase()).as_deref() {
         #[cfg(feature = "amqp")]
-        Some("amqp" | "amqps") => Ok(QueueUrl::Amqp(url.to_owned())),
+        Some("amqp" | "amqps") => {
+            let config = crate::amqp::AmqpConfig::from_url(url)?;
+            config.validate()?;
+            Ok(QueueUrl::Amqp(config))
+        }
         #[cfg(not(feature = "amqp"))]
         Some("amqp" | "amqps") => Err(not_compiled(url, "amqp")),
         _ => parse_store(url, "queue").map(QueueUrl::Store),
@@ -245,6 +249,12 @@ mod tests {
         // Nothing listens on port 1: a check that connected would fail.
         #[cfg(feature = "amqp")]
         check_queue_url("amqp://guest:guest@127.0.0.1:1/%2f").expect("a RabbitMQ queue");
+        #[cfg(feature = "amqp")]
+        {
+            let err = check_queue_url("amqp://guest:guest@127.0.0.1:1/%2f?prefetch=0")
+                .expect_err("prefetch 0 takes nothing");
+            assert!(err.to_string().contains("prefetch=0"), "{err}");
+        }
         #[cfg(feature = "sqlite")]
         check_queue_url("sqlite:///no/such/dir/queue.db").expect("a SQLite store's queue");
     }

@@ -212,8 +212,8 @@ impl AmqpQueue {
         Self::open(AmqpConfig::from_url(url)?).await
     }
 
-    /// Connects with `config`: opens the connection, declares this value's held queue and
-    /// starts consuming it. Nothing else is declared until a queue is used.
+    /// Connects with `config`: opens the connection. Nothing is declared until a queue is used;
+    /// the held queue is made by the first dequeue.
     pub async fn open(config: AmqpConfig) -> Result<Self> {
         config.validate()?;
         let uuid = Uuid::new_v4();
