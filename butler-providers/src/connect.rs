@@ -37,8 +37,9 @@ pub struct Backends {
 /// Opens the run store named by `store_url` (forms as in [`connect_store`]) and the queue named
 /// by `queue_url`; without one (or with an empty one), the queue lives in the store itself (a
 /// SQLite store's queue is in the same database file, a PostgreSQL store's in the same schema,
-/// a memory store's in memory). `memory://` is an in-process queue, `amqp://user:pass@host/vhost` a RabbitMQ queue
-/// (feature `amqp`), and a store URL the queue of that store.
+/// a memory store's in memory). `memory://` is an in-process queue,
+/// `amqp://user:pass@host/vhost` a RabbitMQ queue (feature `amqp`), and a store URL the queue
+/// of that store. Both URLs are checked before anything is opened.
 pub async fn connect(store_url: &str, queue_url: Option<&str>) -> Result<Backends> {
     let queue_url = queue_url
         .filter(|url| !url.trim().is_empty())

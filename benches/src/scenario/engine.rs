@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use butler_core::DynRunStore;
 use butler_core::definition::{Definition, Format};
 use butler_core::engine::{DEFAULT_TASK_QUEUE, Engine, EngineOptions};
-use butler_core::executor::{Attempt, CancellationToken, DynExecutor, Executor, Finished, Outcome};
+use butler_core::executor::{
+    Attempt, CancellationToken, DynExecutor, Executor, Finished, Outcome, attempt_dir,
+};
 use butler_core::model::{Id, RunFilter, RunStatus};
 use butler_core::queue::DynQueue;
 use butler_core::tracker::{RunSource, Tracker};
@@ -365,13 +367,14 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let shared = executor.clone();
     let alone = two_at_a_time(tasks, move |n| {
         let executor = shared.clone();
+        let run_id = Id::try_from(n).unwrap_or(Id::MAX);
         let attempt = Attempt {
-            run_id: Id::try_from(n).unwrap_or(Id::MAX),
+            run_id,
             task_id: "a".to_owned(),
             try_number: 1,
             command: "true".to_owned(),
             env: Default::default(),
-            workdir: home.join(n.to_string()),
+            workdir: attempt_dir(&home, run_id, "a", 1),
             config: json!({}).into(),
             timeout: None,
         };

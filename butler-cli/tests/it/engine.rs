@@ -451,8 +451,7 @@ fn only_the_engine_needs_the_queue_to_be_reachable() {
     let runs = example("hello").join("runs");
     // Nothing listens on port 1: every connection to this broker is refused.
     let down = "amqp://guest:guest@127.0.0.1:1/%2f";
-
-    let error = sandbox.fail(&[
+    let launch = [
         "launch-workflow",
         "-w",
         &workflow,
@@ -460,27 +459,18 @@ fn only_the_engine_needs_the_queue_to_be_reachable() {
         &analysis,
         "-c",
         path_str(&runs),
-        "--wait",
         "--queue",
         down,
-    ]);
+    ];
+
+    let error = sandbox.fail(&[&launch[..], &["--wait"]].concat());
     assert!(error.contains("127.0.0.1:1"), "{error}");
     assert!(
         sandbox.run_statuses().is_empty(),
         "a failed launch left runs"
     );
 
-    let launched = sandbox.ok(&[
-        "launch-workflow",
-        "-w",
-        &workflow,
-        "-a",
-        &analysis,
-        "-c",
-        path_str(&runs),
-        "--queue",
-        down,
-    ]);
+    let launched = sandbox.ok(&launch);
     assert!(
         launched.stderr.contains("Launched 2 runs"),
         "{}",

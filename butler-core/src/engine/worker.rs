@@ -567,43 +567,35 @@ impl Worker {
         let lost = renewal.lost.clone();
         let started = Instant::now();
         let execution = async {
-            match renderer.render_task(&task.task_id, &config) {
-                Err(err) => Finished {
-                    outcome: Outcome::FailedToStart {
-                        reason: err.to_string(),
-                    },
-                    log_path: Default::default(),
-                    duration: Duration::ZERO,
-                },
-                Ok(rendered) => {
-                    let (command, env) = rendered.map(|r| (r.command, r.env)).unwrap_or_default();
-                    let attempt = Attempt {
-                        run_id,
-                        task_id: task.task_id.clone(),
-                        try_number: task.try_number,
-                        command,
-                        env,
-                        workdir: attempt_dir(
-                            &self.options.home,
-                            run_id,
-                            &task.task_id,
-                            task.try_number,
-                        ),
-                        config: config.clone(),
-                        timeout: def.timeout,
-                    };
-                    match self.executor.execute(attempt, cancel.clone()).await {
-                        Ok(finished) => finished,
-                        Err(err) => Finished {
-                            outcome: Outcome::FailedToStart {
-                                reason: err.to_string(),
-                            },
-                            log_path: Default::default(),
-                            duration: Duration::ZERO,
-                        },
-                    }
+            let failed_to_start = |reason: String| Finished {
+                outcome: Outcome::FailedToStart { reason },
+                log_path: Default::default(),
+                duration: Duration::ZERO,
+            };
+            let rendered = match renderer.render_task(&task.task_id, &config) {
+                Ok(Some(rendered)) => rendered,
+                Ok(None) => {
+                    return failed_to_start(format!(
+                        "task `{}` has no templates in the definition of workflow {}",
+                        task.task_id, workflow.id
+                    ));
                 }
-            }
+                Err(err) => return failed_to_start(err.to_string()),
+            };
+            let attempt = Attempt {
+                run_id,
+                task_id: task.task_id.clone(),
+                try_number: task.try_number,
+                command: rendered.command,
+                env: rendered.env,
+                workdir: attempt_dir(&self.options.home, run_id, &task.task_id, task.try_number),
+                config: config.clone(),
+                timeout: def.timeout,
+            };
+            self.executor
+                .execute(attempt, cancel.clone())
+                .await
+                .unwrap_or_else(|err| failed_to_start(err.to_string()))
         };
         let finished = tokio::select! {
             finished = execution => Some(finished),

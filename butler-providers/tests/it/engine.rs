@@ -22,6 +22,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+use crate::util::until;
+
 /// The longest any test waits for its runs: the machine is small and shared with builds.
 const WAIT: Duration = Duration::from_secs(60);
 /// Leases are short so that heartbeats (every third of a lease) notice cancels quickly.
@@ -195,18 +197,6 @@ impl Harness {
         std::fs::read_to_string(self.home().join(name))
             .map(|text| text.lines().map(str::to_owned).collect())
             .unwrap_or_default()
-    }
-}
-
-/// Polls `check` until it holds, failing after `limit`.
-async fn until(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "gave up after {limit:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

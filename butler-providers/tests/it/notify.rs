@@ -21,6 +21,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::util::until;
+
 /// The longest a test waits for anything: the machine is small and shared with builds.
 const WAIT: Duration = Duration::from_secs(60);
 /// Runs failed at once, and the capacity of each notifier's channel, in the test of a
@@ -451,15 +453,10 @@ async fn failures_reach_a_webhook_and_a_chat_hook_that_fails_twice_first() {
     }
     // The notifier counts a delivery once it has read the answer, just after the receiver saw it.
     let chat_stats = watcher.stats("chat").unwrap();
-    let deadline = Instant::now() + WAIT;
-    while chat_stats.snapshot().0 < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "sent: {:?}",
-            chat_stats.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("both chat alerts are counted", WAIT, async || {
+        chat_stats.snapshot().0 >= 2
+    })
+    .await;
     assert_eq!(chat_stats.snapshot(), (2, 0, 0));
     assert_eq!(
         chat_stats

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use butler_providers::sqlite::{SqliteConfig, SqliteStore};
 use tempfile::TempDir;
@@ -42,4 +43,16 @@ pub async fn open_sqlite(path: &Path) -> SqliteStore {
     SqliteStore::open(&SqliteConfig::new(path))
         .await
         .expect("the SQLite store opens")
+}
+
+/// Polls `check` until it holds, failing after `limit`.
+pub async fn until(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "gave up after {limit:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
