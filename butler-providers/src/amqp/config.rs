@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use butler_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -10,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// The form of an AMQP URL Butler accepts, for error messages.
 const URL_FORM: &str = "amqp://user:password@host:5672/vhost (amqps:// for TLS; %2f is the \
                         default vhost `/`), optionally followed by \
-                        ?prefix=butler&prefetch=100&poll_ms=50";
+                        ?prefix=butler&prefetch=100";
 
 /// Longest accepted [`AmqpConfig::prefix`], in bytes; the rest of the 255 bytes RabbitMQ allows
 /// in a name is left for the queue name.
@@ -19,7 +18,7 @@ pub const MAX_PREFIX_LEN: usize = 64;
 /// How an [`AmqpQueue`](super::AmqpQueue) reaches RabbitMQ and names what it creates there.
 ///
 /// Built from a URL with [`AmqpConfig::from_url`] (or `str::parse`), or directly. Defaults:
-/// prefix `butler`, prefetch 100, poll every 50 ms. `Debug` shows the URL with its password
+/// prefix `butler`, prefetch 100. `Debug` shows the URL with its password
 /// replaced by `***`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,14 +32,11 @@ pub struct AmqpConfig {
     /// [`MAX_PREFIX_LEN`] bytes; not starting with `amq.`, which RabbitMQ reserves.
     #[serde(default = "default_prefix")]
     pub prefix: String,
-    /// How many messages one dequeue asks the broker for at once (pipelined `basic.get`s), 1 to
-    /// 1000. Larger values speed up big batches.
+    /// How many messages of one queue a process receives ahead of its dequeues, besides those
+    /// it holds leased (the consumer prefetch), 1 to 1000. More keeps fast tasks flowing; fewer
+    /// spreads a queue of long tasks more evenly over many workers.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
-    /// How often, in milliseconds, a waiting dequeue looks for messages that it was not told
-    /// about: those enqueued by other processes and delayed ones coming due.
-    #[serde(default = "default_poll_ms")]
-    pub poll_ms: u64,
 }
 
 fn default_prefix() -> String {
@@ -51,10 +47,6 @@ fn default_prefetch() -> u16 {
     100
 }
 
-fn default_poll_ms() -> u64 {
-    50
-}
-
 impl AmqpConfig {
     /// Settings for the broker at `url` (without Butler's parameters), with the defaults.
     pub fn new(url: impl Into<String>) -> Self {
@@ -62,12 +54,11 @@ impl AmqpConfig {
             url: url.into(),
             prefix: default_prefix(),
             prefetch: default_prefetch(),
-            poll_ms: default_poll_ms(),
         }
     }
 
     /// Parses `amqp://user:password@host:port/vhost` or `amqps://…`, taking Butler's own query
-    /// parameters `prefix`, `prefetch` and `poll_ms` out of it and leaving the client's
+    /// parameters `prefix` and `prefetch` out of it and leaving the client's
     /// (`heartbeat`, `connection_timeout`, …) in [`AmqpConfig::url`].
     pub fn from_url(url: &str) -> Result<Self> {
         let url = url.trim();
@@ -97,7 +88,6 @@ impl AmqpConfig {
                     })?;
                 }
                 "prefetch" => config.prefetch = parse_number(url, key, value)?,
-                "poll_ms" => config.poll_ms = parse_number(url, key, value)?,
                 _ => kept.push(pair),
             }
         }
@@ -147,20 +137,7 @@ impl AmqpConfig {
                 default_prefetch()
             )));
         }
-        if !(1..=60_000).contains(&self.poll_ms) {
-            return Err(Error::InvalidInput(format!(
-                "poll_ms={} in AMQP settings for {shown:?} is out of range; give 1 to 60000 (the \
-                 default is {})",
-                self.poll_ms,
-                default_poll_ms()
-            )));
-        }
         Ok(())
-    }
-
-    /// How often a waiting dequeue looks for messages it was not told about.
-    pub fn poll_interval(&self) -> Duration {
-        Duration::from_millis(self.poll_ms)
     }
 
     /// The broker URL with its password replaced by `***`, for logs and messages.
@@ -177,9 +154,6 @@ impl AmqpConfig {
         if self.prefetch != default_prefetch() {
             params.push(format!("prefetch={}", self.prefetch));
         }
-        if self.poll_ms != default_poll_ms() {
-            params.push(format!("poll_ms={}", self.poll_ms));
-        }
         if params.is_empty() {
             return self.url.clone();
         }
@@ -194,7 +168,6 @@ impl fmt::Debug for AmqpConfig {
             .field("url", &self.redacted_url())
             .field("prefix", &self.prefix)
             .field("prefetch", &self.prefetch)
-            .field("poll_ms", &self.poll_ms)
             .finish()
     }
 }
@@ -279,7 +252,7 @@ mod tests {
     #[test]
     fn takes_butler_parameters_out_and_keeps_the_clients() {
         let config = AmqpConfig::from_url(
-            "amqp://guest:secret@127.0.0.1:5672/%2f?heartbeat=10&prefix=dev.b&prefetch=64&poll_ms=20",
+            "amqp://guest:secret@127.0.0.1:5672/%2f?heartbeat=10&prefix=dev.b&prefetch=64",
         )
         .unwrap();
         assert_eq!(
@@ -288,7 +261,6 @@ mod tests {
         );
         assert_eq!(config.prefix, "dev.b");
         assert_eq!(config.prefetch, 64);
-        assert_eq!(config.poll_interval(), Duration::from_millis(20));
         assert_eq!(AmqpConfig::from_url(&config.to_url()).unwrap(), config);
     }
 
@@ -331,7 +303,6 @@ mod tests {
             ("amqp://h/%2f?prefix=amq.x", "reserves"),
             ("amqp://h/%2f?prefix=a%20b", "contains"),
             ("amqp://h/%2f?prefetch=0", "prefetch"),
-            ("amqp://h/%2f?poll_ms=0", "poll_ms"),
             ("amqp://h:notaport/%2f", "cannot be read"),
         ] {
             let err = AmqpConfig::from_url(url).expect_err(url).to_string();

@@ -1,9 +1,9 @@
 //! RabbitMQ queue.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -14,19 +14,22 @@ use butler_core::queue::{
 };
 use butler_core::{Error, Result};
 use chrono::{DateTime, Utc};
-use lapin::message::{Delivery as AmqpDelivery, DeliveryResult};
+use futures_util::future::join_all;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeBindOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use lapin::{
-    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
-    ExchangeKind, PublisherConfirm,
+    Acker, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ErrorKind, ExchangeKind, PublisherConfirm,
 };
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -40,13 +43,11 @@ const MAX_BROKER_PRIORITY: i32 = 20;
 const DELAY_UNIT_MS: u64 = 10;
 /// Hops of the delay chain: hop `b` holds a message for `DELAY_UNIT_MS << b`.
 const DELAY_HOPS: u32 = 28;
-/// After a consumer's connection closes, its leased messages go back to their queue after their
-/// lease, but at most this long.
-const HELD_RETURN_CAP: Duration = Duration::from_secs(300);
-/// An unused held queue (its process gone and its messages returned) is deleted after this.
-const HELD_EXPIRES: Duration = Duration::from_secs(600);
-/// How long a dequeue waits for the broker to hand back the messages it moved to its held queue.
-const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// A process that has not dequeued from a queue for this long stops consuming it and gives the
+/// messages it received but handed to no caller back to the queue, for other processes.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
+/// How often the background task of a connection looks for idle queues and a closed value.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
 /// The longest suffix added to `{prefix}.{queue}` (`.delay.route28`), for the name length check.
 const LONGEST_SUFFIX: usize = ".delay.route28".len();
 /// RabbitMQ's limit on queue and exchange names, in bytes.
@@ -60,7 +61,6 @@ const H_ENQUEUED: &str = "butler-enqueued-at";
 const H_VISIBLE: &str = "butler-visible-at";
 const H_PRIORITY: &str = "butler-priority";
 const H_HISTORY: &str = "butler-history";
-const H_TOKEN: &str = "butler-token";
 const H_DEAD_AT: &str = "butler-dead-at";
 
 /// A [`Queue`] on RabbitMQ (AMQP 0-9-1), for many processes on many machines.
@@ -81,41 +81,56 @@ const H_DEAD_AT: &str = "butler-dead-at";
 ///   into `p.q`. So any delay up to [`AmqpQueue::MAX_DELAY`] takes at most 28 fixed queues, and
 ///   [`Queue::depth`] counts every delayed message, whichever process delayed it. Delays are
 ///   rounded up to the next 10 ms.
-/// - `p.held.{instance}`: one durable queue per opened [`AmqpQueue`] (its clones share it),
-///   made by its first dequeue, consumed by it alone, holding its leased messages; deleted when
-///   the value is closed or dropped holding no lease, otherwise by the broker 10 minutes after
-///   its connection closed. A value that never dequeues makes none.
-///   Open one value per process and clone it. `p.return` is the headers exchange through which
-///   held messages go back to `p.q`.
+///
+/// Nothing is made per process.
 ///
 /// # Delivery
 ///
-/// A dequeue takes messages with `basic.get` (highest priority first, then oldest), and for each
-/// publishes, with a publisher confirm, a copy whose delivery count is one higher to its held
-/// queue, then acks the original. The copy is what the consumer leases: the count is on the
-/// broker before the consumer sees the message, so a consumer that dies mid-task still used up
-/// a delivery. `ack` acks the copy; `nack` republishes it (through the delay chain for a delay)
-/// and acks it; `extend` moves the lease's deadline. A background task rejects the copies whose
-/// lease ran out, and RabbitMQ dead-letters them through `p.return` to the tail of `p.q`. When a
-/// process dies, its channel closes and the copies return to `p.q` once their lease (at most
-/// 5 minutes) has passed. A message delivered `max_deliveries` times is moved to `p.q.dead` by
-/// the next dequeue that takes it.
+/// The first dequeue of a queue starts a consumer on `p.q` on a channel of its own, whose
+/// prefetch limit is kept at the leases the process holds plus [`AmqpConfig::prefetch`]: the
+/// broker pushes messages to the process as they become ready, and they wait there until a
+/// dequeue takes them, highest priority first, then in the order they came.
+/// A message a dequeue takes is leased and stays unacknowledged on the broker: `ack` acks it;
+/// `nack` publishes it again (with a publisher confirm, one more delivery counted in its
+/// headers, through the delay chain for a delay) and then acks it; the end of its lease does
+/// the same as a nack without delay, with `lease expired` in its history; `extend` moves the
+/// lease's deadline. When a process dies, the broker puts the messages it held back in the
+/// queue at once, marked redelivered; the dequeue that meets such a message counts the lost
+/// delivery by publishing it again with the count raised and `lease expired` in its history,
+/// and delivers that copy. A message delivered `max_deliveries` times is moved to `p.q.dead` by
+/// the dequeue that meets it next.
+///
+/// A process that has not dequeued from a queue for a second cancels its consumer and gives
+/// back the messages it received but handed to no caller (published again unchanged, then
+/// acked), so a worker busy with long tasks does not sit on work that another could do.
+/// [`AmqpQueue::close`] gives back those of every queue.
 ///
 /// # Differences from the contract
 ///
 /// - **Batches** are validated before anything is sent, so bad input stores nothing, but a
 ///   broker failure in the middle of a batch may store part of it; the error says how much.
-/// - **Duplicates.** A connection lost between a dequeue's copy and its ack of the original
-///   leaves both, so the message may be delivered twice (at least once, as promised).
+/// - **Duplicates.** A connection lost between publishing a message again (nack, end of a lease,
+///   give-back, a lost delivery counted) and acking the original leaves both, so the message may
+///   be delivered twice (at least once, as promised).
+/// - **Prefetch.** Besides its leases, a process receives up to `prefetch` messages of a queue
+///   ahead of its dequeues (up to twice that between two adjustments of the channel's limit);
+///   another process cannot take them until it gives them back. Messages waiting in a process
+///   when it dies count as delivered once.
+/// - **Order.** A message published again (nack, end of a lease, give-back) goes to the back of
+///   its priority. A dequeue that waits takes what has reached its process, so a message pushed
+///   before a higher-priority one was enqueued may come first; a dequeue that does not wait first
+///   asks the broker to finish pushing what is ready.
 /// - **Leases** are enforced by the process holding them: a tag whose lease expired answers
 ///   `false` as soon as the message is given back, even before it is delivered again. Tags are
 ///   answered only by the [`AmqpQueue`] (or a clone) that delivered them, and only while its
 ///   connection lasts: when it fails, the next call reconnects and the old tags answer `false`.
-/// - [`QueueDepth::leased`] counts this process's leases only; `oldest_ready_age` is the age of
-///   the next message a dequeue would take.
-/// - **Waiting.** A waiting dequeue wakes at once for messages enqueued or nacked through this
-///   value or a clone, and looks for others (one `basic.get`) every [`AmqpConfig::poll_ms`]
-///   (50 ms by default).
+///   When a process dies, its messages return as soon as the broker sees its connection close,
+///   not when their leases end.
+/// - [`QueueDepth::ready`] is the broker's count plus the messages waiting in this process;
+///   [`QueueDepth::leased`] counts this process's leases only. `oldest_ready_age` is the age of
+///   the oldest message waiting in this process or, when none waits here but the broker holds
+///   some, the age of the last message this process received (an upper bound while the queue
+///   is first-in first-out); `None` when this process does not consume the queue.
 /// - [`Queue::dead_letters`] reads the dead letters by taking and returning them, so a
 ///   concurrent call in another process may see fewer.
 /// - Ids are the enqueue time in microseconds times 256 plus a per-process number: increasing
@@ -127,14 +142,13 @@ pub struct AmqpQueue {
 
 struct Inner {
     config: AmqpConfig,
-    /// Names the held queue of this value and its clones.
+    /// Names this value and its clones in the broker's connection list.
     instance: String,
     id_salt: i64,
     last_id: AtomicI64,
     token_base: u64,
     tokens: AtomicU64,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
-    wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Butler queues declared through this value, for [`AmqpQueue::queues`].
     known: Mutex<BTreeSet<String>>,
 }
@@ -142,15 +156,13 @@ struct Inner {
 /// One connection and what lives on it; replaced whole when the connection fails.
 struct Session {
     connection: Connection,
+    prefix: String,
     /// Publishes, with publisher confirms.
     publish: Slot,
-    /// Takes messages from main queues; they are acked moments later.
-    get: Slot,
     /// Declares queues, exchanges and bindings.
     admin: Slot,
-    /// The held queue and its consumer, made by the first dequeue: a process that only
-    /// enqueues or reads depths leaves nothing on the broker.
-    held: tokio::sync::OnceCell<Held>,
+    /// The consumer of each queue dequeued from, by Butler queue name.
+    feeds: tokio::sync::Mutex<HashMap<String, Arc<Feed>>>,
     leases: Mutex<HashMap<u64, Lease>>,
     lease_changed: Arc<Notify>,
     declared: Mutex<HashSet<String>>,
@@ -163,18 +175,33 @@ struct Slot {
     channel: tokio::sync::Mutex<Option<Channel>>,
 }
 
-/// This process's held queue, consumed on its own channel; the leases are deliveries on it.
-struct Held {
-    _channel: Channel,
-    _consumer: lapin::Consumer,
-    handoff: Arc<Handoff>,
+/// One queue's consumer, on a channel of its own: the messages it received, waiting for a
+/// dequeue, and those leased from it are unacknowledged deliveries on that channel.
+struct Feed {
+    channel: Channel,
+    /// Held while the consumer is started or cancelled.
+    switch: tokio::sync::Mutex<()>,
+    state: Mutex<FeedState>,
+    /// Woken when a dequeue moves received messages into [`FeedState::waiting`].
+    arrived: Notify,
 }
 
-/// Passes each message a dequeue moved to the held queue from the consumer to that dequeue.
 #[derive(Default)]
-struct Handoff {
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Acker>>>,
-    broken: AtomicBool,
+struct FeedState {
+    /// The consumer and its tag, while the queue is consumed.
+    consumer: Option<(ShortString, Consumer)>,
+    /// Received and not yet taken, by broker priority (highest first), then arrival.
+    waiting: BTreeMap<(u8, u64), AmqpDelivery>,
+    arrivals: u64,
+    /// Dequeues of this queue in progress.
+    takers: usize,
+    /// When the last dequeue of this queue ended.
+    last_take: Option<Instant>,
+    /// When the last message received had become visible, in milliseconds since the epoch.
+    newest_visible_at: Option<i64>,
+    /// The channel's prefetch: the leases held plus between one and two times
+    /// [`AmqpConfig::prefetch`] of messages to receive ahead.
+    limit: u16,
 }
 
 /// A delivery held by this process.
@@ -183,6 +210,16 @@ struct Lease {
     payload: Vec<u8>,
     acker: Acker,
     until: Instant,
+}
+
+/// A received message that goes back to the broker instead of to a caller: published to the
+/// broker queue `to`, then acked.
+struct Return {
+    acker: Acker,
+    to: String,
+    queue: String,
+    payload: Vec<u8>,
+    properties: BasicProperties,
 }
 
 /// Butler's headers on a message.
@@ -212,8 +249,7 @@ impl AmqpQueue {
         Self::open(AmqpConfig::from_url(url)?).await
     }
 
-    /// Connects with `config`: opens the connection. Nothing is declared until a queue is used;
-    /// the held queue is made by the first dequeue.
+    /// Connects with `config`: opens the connection. Nothing is declared until a queue is used.
     pub async fn open(config: AmqpConfig) -> Result<Self> {
         config.validate()?;
         let uuid = Uuid::new_v4();
@@ -226,7 +262,6 @@ impl AmqpQueue {
             token_base: ((random >> 8) as u64 & 0xff_ffff) << 40,
             tokens: AtomicU64::new(0),
             session: tokio::sync::Mutex::new(None),
-            wakers: Mutex::default(),
             known: Mutex::default(),
         });
         inner.session().await?;
@@ -243,18 +278,16 @@ impl AmqpQueue {
         lock(&self.inner.known).iter().cloned().collect()
     }
 
-    /// The broker's name of the queue holding this value's leased messages (see the layout
-    /// above); it exists on the broker only once this value or a clone has dequeued.
-    pub fn held_queue(&self) -> String {
-        self.inner.held_queue()
-    }
-
     /// Deletes `queue` from the broker: its ready, delayed and dead messages, its queues and its
-    /// exchanges. Messages this process holds for it are dropped when their lease ends.
+    /// exchanges. Messages this process holds of it are dropped.
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {
         self.inner.check_name(queue)?;
         let session = self.inner.session().await?;
-        let names = self.inner.names(queue);
+        if let Some(feed) = session.feeds.lock().await.remove(queue) {
+            // Its deliveries go with the queue.
+            let _ = feed.channel.close(200, "OK".into()).await;
+        }
+        let names = names(&self.inner.config.prefix, queue);
         let channel = session.admin.channel(&session.connection).await?;
         let action = || format!("delete queue {queue:?}");
         let mut queues = vec![names.main.clone(), names.dead.clone()];
@@ -277,28 +310,27 @@ impl AmqpQueue {
         Ok(())
     }
 
-    /// Closes the connection. Messages still leased return to their queues once their lease
-    /// ends, as when the process dies; with none, this value's held queue is deleted. A later
-    /// call on this value (or a clone) connects again. Dropping the last clone also closes the
-    /// connection, leaving the leases to run out the same way.
+    /// Gives back the messages this value received but handed to no caller, then closes the
+    /// connection. Messages still leased return to their queues, counted as delivered, as when
+    /// the process dies. A later call on this value (or a clone) connects again. Dropping the
+    /// last clone does the same as closing.
     pub async fn close(&self) -> Result<()> {
         let Some(session) = self.inner.session.lock().await.take() else {
             return Ok(());
         };
-        session.shut(self.inner.held_queue()).await
+        session.shut().await
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // The client keeps a connection open while any of its channels lives, and its own
-        // bookkeeping holds them all: without this, a dropped queue would keep its leases.
+        // bookkeeping holds them all: without this, a dropped queue would keep its messages.
         if let Some(session) = self.session.get_mut().take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            let held = self.held_queue();
             runtime.spawn(async move {
-                let _ = session.shut(held).await;
+                let _ = session.shut().await;
             });
         }
     }
@@ -332,22 +364,19 @@ impl Names {
     }
 }
 
+/// The broker names of Butler queue `queue` under `prefix`.
+fn names(prefix: &str, queue: &str) -> Names {
+    let main = format!("{prefix}.{queue}");
+    Names {
+        dead: format!("{main}.dead"),
+        delay_base: format!("{main}.delay"),
+        main,
+    }
+}
+
 impl Inner {
     fn names(&self, queue: &str) -> Names {
-        let main = format!("{}.{queue}", self.config.prefix);
-        Names {
-            dead: format!("{main}.dead"),
-            delay_base: format!("{main}.delay"),
-            main,
-        }
-    }
-
-    fn held_queue(&self) -> String {
-        format!("{}.held.{}", self.config.prefix, self.instance)
-    }
-
-    fn return_exchange(&self) -> String {
-        format!("{}.return", self.config.prefix)
+        names(&self.config.prefix, queue)
     }
 
     /// Checks `queue` as every backend does, and that its broker names fit RabbitMQ's limit.
@@ -382,17 +411,6 @@ impl Inner {
         self.token_base | (n & ((1 << 40) - 1))
     }
 
-    fn waker(&self, queue: &str) -> Arc<Notify> {
-        let mut wakers = lock(&self.wakers);
-        Arc::clone(wakers.entry(queue.to_owned()).or_default())
-    }
-
-    fn wake(&self, queue: &str) {
-        if let Some(notify) = lock(&self.wakers).get(queue) {
-            notify.notify_waiters();
-        }
-    }
-
     /// The live session, connecting first when there is none or it failed.
     async fn session(self: &Arc<Self>) -> Result<Arc<Session>> {
         let mut current = self.session.lock().await;
@@ -402,7 +420,7 @@ impl Inner {
             return Ok(Arc::clone(session));
         }
         let session = Arc::new(Session::open(self).await?);
-        tokio::spawn(reap(
+        tokio::spawn(sweep(
             Arc::downgrade(&session),
             Arc::clone(&session.lease_changed),
             Arc::downgrade(self),
@@ -417,7 +435,7 @@ impl Inner {
         current.as_ref().filter(|s| s.alive()).map(Arc::clone)
     }
 
-    /// Declares `queue`'s main and dead-letter queues and its route back from held queues.
+    /// Declares `queue`'s main and dead-letter queues.
     async fn ensure_queue(&self, session: &Session, queue: &str) -> Result<()> {
         if lock(&session.declared).contains(queue) {
             return Ok(());
@@ -425,7 +443,6 @@ impl Inner {
         let names = self.names(queue);
         let action = || format!("declare queue {queue:?}");
         let channel = session.admin.channel(&session.connection).await?;
-        declare_return_exchange(&channel, &self.return_exchange()).await?;
         let mut priority = FieldTable::default();
         priority.insert(
             "x-max-priority".into(),
@@ -437,19 +454,6 @@ impl Inner {
             .map_err(amqp_error(action()))?;
         channel
             .queue_declare(short(&names.dead)?, durable_queue(), FieldTable::default())
-            .await
-            .map_err(amqp_error(action()))?;
-        let mut matching = FieldTable::default();
-        matching.insert("x-match".into(), AMQPValue::LongString("all".into()));
-        matching.insert(H_QUEUE.into(), AMQPValue::LongString(queue.into()));
-        channel
-            .queue_bind(
-                short(&names.main)?,
-                short(&self.return_exchange())?,
-                ShortString::default(),
-                QueueBindOptions::default(),
-                matching,
-            )
             .await
             .map_err(amqp_error(action()))?;
         lock(&session.declared).insert(queue.to_owned());
@@ -554,7 +558,7 @@ impl Inner {
                 short(&routing_key)?,
                 mandatory(),
                 payload,
-                meta.properties(None),
+                meta.properties(),
             )
             .await
             .map_err(amqp_error(format!(
@@ -563,205 +567,146 @@ impl Inner {
             )))
     }
 
-    /// Takes up to `max` messages of `queue`, dead-lettering the exhausted ones, and leases the
-    /// others for `lease`.
+    /// Up to `max` messages of `queue` leased for `lease`, waiting until `deadline` (`None`:
+    /// for ever) for the first.
     async fn take(
         &self,
-        session: &Session,
+        session: &Arc<Session>,
         queue: &str,
         max: usize,
         lease: Duration,
+        deadline: Option<Instant>,
     ) -> Result<Vec<Delivery>> {
-        let names = self.names(queue);
-        let main = short(&names.main)?;
-        let dead = short(&names.dead)?;
-        let held = short(&self.held_queue())?;
-        let held_prefix = format!("{}.held.", self.config.prefix);
-        let handoff = &session.held(self).await?.handoff;
-        let get = session.get.channel(&session.connection).await?;
-        let publish = session.publish.channel(&session.connection).await?;
-        let action = || format!("dequeue from queue {queue:?}");
-        let expiration: ShortString = lease
-            .clamp(Duration::from_secs(1), HELD_RETURN_CAP)
-            .as_millis()
-            .to_string()
-            .into();
-        let mut out = Vec::new();
-        let mut failure = None;
-        // One message first: a look into an empty queue, the common case of a waiting dequeue,
-        // then costs one request, and the broker's count of what is left sizes the next round.
-        let mut want = 1;
-        while out.len() < max && failure.is_none() {
-            let (got, left) = match get_many(&get, &main, want).await {
-                Ok(got) => got,
-                Err(e) => {
-                    if is_not_found(&e) {
-                        lock(&session.declared).remove(queue);
-                    }
-                    failure = Some(amqp_error(action())(e));
-                    break;
+        self.ensure_queue(session, queue).await?;
+        let feed = session.feed(&self.config, queue).await?;
+        let _taker = feed.enter();
+        let main = self.names(queue).main;
+        let held = lock(&session.leases)
+            .values()
+            .filter(|l| l.meta.queue == queue)
+            .count();
+        feed.fit(held, self.config.prefetch).await?;
+        feed.consume(session, queue, &main).await?;
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            // A dequeue that does not wait takes what is ready now, not only what has arrived.
+            feed.settle_pushes(&main).await?;
+        }
+        loop {
+            // Registered before looking, so that a message moved in meanwhile still wakes it.
+            let arrived = feed.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+
+            match feed.pick(max, |delivery| self.classify(queue, delivery)) {
+                Picked::Returns(returns) => {
+                    // Published in a task of its own: dropping this dequeue cannot strand them.
+                    let session = Arc::clone(session);
+                    detached(async move { session.give_back(returns).await }).await?;
+                    continue;
                 }
+                Picked::Ready(ready) if !ready.is_empty() => {
+                    return Ok(self.lease(session, ready, lease));
+                }
+                Picked::Ready(_) => {}
+            }
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                return Ok(Vec::new());
+            }
+            let consumer = lock(&feed.state)
+                .consumer
+                .as_ref()
+                .map(|(_, consumer)| consumer.clone());
+            let Some(mut consumer) = consumer else {
+                // The broker cancelled it (its queue was deleted): start another.
+                feed.consume(session, queue, &main).await?;
+                continue;
             };
-            if got.is_empty() {
-                break;
+            let until = deadline.unwrap_or_else(|| far(Duration::MAX));
+            tokio::select! {
+                received = consumer.next() => feed.receive(received),
+                () = &mut arrived => {}
+                () = tokio::time::sleep_until(until) => {}
             }
-            let now = Utc::now();
-            let mut steps = Vec::with_capacity(got.len());
-            for message in got {
-                let mut meta = Meta::read(message.properties.headers().as_ref())
-                    .unwrap_or_else(|| self.adopt(queue, &message, now));
-                if let Some((died, reason)) = held_death(&message.properties, &held_prefix) {
-                    // The broker keeps whole seconds; the lease cannot have ended before the
-                    // last event the history knows of.
-                    let at = last_event(&meta.history).map_or(died, |last| last.max(died));
-                    let why = if reason == "expired" {
-                        "; its consumer's connection had closed"
-                    } else {
-                        ""
-                    };
-                    meta.history.push(history_line(
-                        at,
-                        &format!("lease expired (delivery {}{why})", meta.deliveries),
-                    ));
-                    meta.visible_at = meta.visible_at.max(at.timestamp_millis());
-                }
-                let step = if meta.deliveries >= meta.max_deliveries {
-                    meta.history.push(history_line(
-                        now,
-                        &format!(
-                            "dead-lettered after {} deliveries (max_deliveries {})",
-                            meta.deliveries, meta.max_deliveries
-                        ),
-                    ));
-                    meta.dead_at = Some(now.timestamp_millis());
-                    let confirm = publish
-                        .basic_publish(
-                            ShortString::default(),
-                            dead.clone(),
-                            mandatory(),
-                            &message.data,
-                            meta.properties(None),
-                        )
-                        .await;
-                    Step {
-                        original: message.acker,
-                        confirm,
-                        lease: None,
-                    }
-                } else {
-                    let token = self.next_token();
-                    meta.deliveries += 1;
-                    meta.history.push(history_line(
-                        now,
-                        &format!("delivered (delivery {}, lease {lease:?})", meta.deliveries),
-                    ));
-                    let (sender, receiver) = oneshot::channel();
-                    lock(&handoff.waiting).insert(token, sender);
-                    let confirm = publish
-                        .basic_publish(
-                            ShortString::default(),
-                            held.clone(),
-                            mandatory(),
-                            &message.data,
-                            meta.properties(Some(token))
-                                .with_expiration(expiration.clone()),
-                        )
-                        .await;
-                    Step {
-                        original: message.acker,
-                        confirm,
-                        lease: Some((token, receiver, meta, message.data)),
-                    }
-                };
-                steps.push(step);
-            }
-
-            let mut pending = Vec::new();
-            let mut originals = Vec::with_capacity(pending.capacity());
-            for step in steps {
-                let stored = match step.confirm {
-                    Ok(confirm) => confirmed(confirm, "move a message of queue", queue).await,
-                    Err(e) => Err(amqp_error(action())(e)),
-                };
-                match stored {
-                    Ok(()) => {
-                        originals.push(step.original);
-                        pending.extend(step.lease);
-                    }
-                    Err(e) => {
-                        if let Some((token, ..)) = step.lease {
-                            lock(&handoff.waiting).remove(&token);
-                        }
-                        let requeue = BasicRejectOptions { requeue: true };
-                        let _ = step.original.reject(requeue).await;
-                        failure.get_or_insert(e);
-                    }
-                }
-            }
-
-            // The copies are safe on the broker; without these acks the originals would come
-            // back as duplicates when this connection closes. Acks have no reply to wait for.
-            tokio::spawn(async move {
-                for original in originals {
-                    let _ = original.ack(BasicAckOptions::default()).await;
-                }
-            });
-            let deadline = Instant::now() + HANDOFF_TIMEOUT;
-            let mut added = false;
-            for (token, receiver, meta, payload) in pending {
-                match tokio::time::timeout_at(deadline, receiver).await {
-                    Ok(Ok(acker)) => {
-                        out.push(Delivery {
-                            tag: DeliveryTag {
-                                message_id: meta.id,
-                                token,
-                            },
-                            payload: payload.clone(),
-                            deliveries: meta.deliveries,
-                            enqueued_at: time(meta.enqueued_at),
-                        });
-                        let until = far(lease);
-                        lock(&session.leases).insert(
-                            token,
-                            Lease {
-                                meta,
-                                payload,
-                                acker,
-                                until,
-                            },
-                        );
-                        added = true;
-                    }
-                    _ => {
-                        // When it arrives, the consumer finds no one waiting and gives it back.
-                        lock(&handoff.waiting).remove(&token);
-                        tracing::warn!(
-                            queue,
-                            message_id = meta.id,
-                            "a dequeued message did not come back from the held queue in time; \
-                             it returns to its queue"
-                        );
-                    }
-                }
-            }
-            if added {
-                session.lease_changed.notify_one();
-            }
-            if left == 0 {
-                break;
-            }
-            want = (max.saturating_sub(out.len()))
-                .min(usize::from(self.config.prefetch))
-                .min(usize::try_from(left).unwrap_or(usize::MAX));
         }
-        match failure {
-            Some(e) if out.is_empty() => Err(e),
-            Some(e) => {
-                tracing::warn!(queue, error = %e, "dequeue stopped early");
-                Ok(out)
-            }
-            None => Ok(out),
+    }
+
+    /// Sorts out a received message: delivered as it is, or returned to the broker first because
+    /// it lost a delivery to a closed connection (counted now) or was delivered `max_deliveries`
+    /// times (moved to the dead letters).
+    fn classify(&self, queue: &str, delivery: AmqpDelivery) -> Sorted {
+        let now = Utc::now();
+        let mut meta = Meta::read(delivery.properties.headers().as_ref())
+            .unwrap_or_else(|| self.adopt(queue, &delivery, now));
+        let names = self.names(queue);
+        let mut to = None;
+        if delivery.redelivered {
+            meta.count_lost(now);
+            to = Some(names.main);
         }
+        if meta.deliveries >= meta.max_deliveries {
+            meta.history.push(history_line(
+                now,
+                &format!(
+                    "dead-lettered after {} deliveries (max_deliveries {})",
+                    meta.deliveries, meta.max_deliveries
+                ),
+            ));
+            meta.dead_at = Some(now.timestamp_millis());
+            to = Some(names.dead);
+        }
+        match to {
+            None => Sorted::Ready(delivery, meta),
+            Some(to) => Sorted::Return(Return {
+                acker: delivery.acker,
+                to,
+                queue: queue.to_owned(),
+                payload: delivery.data,
+                properties: meta.properties(),
+            }),
+        }
+    }
+
+    /// Leases `ready` for `lease`.
+    fn lease(
+        &self,
+        session: &Session,
+        ready: Vec<(AmqpDelivery, Meta)>,
+        lease: Duration,
+    ) -> Vec<Delivery> {
+        let now = Utc::now();
+        let until = far(lease);
+        let mut leases = lock(&session.leases);
+        let out = ready
+            .into_iter()
+            .map(|(delivery, mut meta)| {
+                let token = self.next_token();
+                meta.deliveries += 1;
+                meta.history.push(history_line(
+                    now,
+                    &format!("delivered (delivery {}, lease {lease:?})", meta.deliveries),
+                ));
+                let out = Delivery {
+                    tag: DeliveryTag {
+                        message_id: meta.id,
+                        token,
+                    },
+                    payload: delivery.data.clone(),
+                    deliveries: meta.deliveries,
+                    enqueued_at: time(meta.enqueued_at),
+                };
+                let held = Lease {
+                    meta,
+                    payload: delivery.data,
+                    acker: delivery.acker,
+                    until,
+                };
+                leases.insert(token, held);
+                out
+            })
+            .collect();
+        drop(leases);
+        session.lease_changed.notify_one();
+        out
     }
 
     /// Butler's headers for a message published to `queue` by something other than Butler.
@@ -787,33 +732,19 @@ impl Inner {
         }
     }
 
-    /// Gives back the leases of deliveries no caller received.
-    async fn release(&self, session: &Session, deliveries: &[Delivery]) {
-        for delivery in deliveries {
-            let lease = lock(&session.leases).remove(&delivery.tag.token);
-            if let Some(lease) = lease {
-                let _ = lease
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
-                self.wake(&lease.meta.queue);
-            }
-        }
-    }
-
     async fn nack_held(
         &self,
         session: &Session,
         tags: &[DeliveryTag],
         delay: Duration,
     ) -> Result<Vec<bool>> {
-        let queues: HashSet<String> = {
-            let leases = lock(&session.leases);
-            tags.iter()
-                .filter_map(|t| leases.get(&t.token).map(|l| l.meta.queue.clone()))
-                .collect()
-        };
         if delay_units(delay) > 0 {
+            let queues: HashSet<String> = {
+                let leases = lock(&session.leases);
+                tags.iter()
+                    .filter_map(|t| leases.get(&t.token).map(|l| l.meta.queue.clone()))
+                    .collect()
+            };
             for queue in &queues {
                 self.ensure_delays(session, queue).await?;
             }
@@ -859,15 +790,10 @@ impl Inner {
                 }
             }
         }
-        if let Some(e) = failure {
-            return Err(e);
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(answers),
         }
-        if delay_units(delay) == 0 {
-            for queue in &queues {
-                self.wake(queue);
-            }
-        }
-        Ok(answers)
     }
 
     /// Counts `queue`'s messages on a channel of its own, which a missing queue closes.
@@ -877,6 +803,10 @@ impl Inner {
             .values()
             .filter(|l| l.meta.queue == queue)
             .count() as u64;
+        let (waiting, oldest, newest) = match session.feeds.lock().await.get(queue) {
+            Some(feed) => feed.waiting_ages(),
+            None => (0, None, None),
+        };
         let mut probe = Probe::open(&session.connection, queue).await?;
         let result = async {
             let Some(ready) = probe.count(&names.main).await? else {
@@ -893,18 +823,13 @@ impl Inner {
                     *sum += probe.count(&names.hop(b)).await?.unwrap_or(0);
                 }
             }
-            let delayed = delayed.unwrap_or(0);
-            let oldest_ready_age = if ready > 0 {
-                probe.head_age(&names.main, &self.held_queue()).await?
-            } else {
-                None
-            };
+            let visible_at = oldest.or(if ready > 0 { newest } else { None });
             Ok(QueueDepth {
-                ready,
-                delayed,
+                ready: ready + waiting,
+                delayed: delayed.unwrap_or(0),
                 leased,
                 dead,
-                oldest_ready_age,
+                oldest_ready_age: visible_at.map(age),
             })
         }
         .await;
@@ -965,11 +890,18 @@ impl Inner {
     }
 }
 
-/// One message taken by a dequeue, and where it went.
-struct Step {
-    original: Acker,
-    confirm: lapin::Result<PublisherConfirm>,
-    lease: Option<(u64, oneshot::Receiver<Acker>, Meta, Vec<u8>)>,
+/// A received message, sorted out by [`Inner::classify`].
+enum Sorted {
+    Ready(AmqpDelivery, Meta),
+    Return(Return),
+}
+
+/// What a dequeue found among the received messages.
+enum Picked {
+    /// Messages to lease, in delivery order.
+    Ready(Vec<(AmqpDelivery, Meta)>),
+    /// Messages to publish again before anything is delivered; the others were left waiting.
+    Returns(Vec<Return>),
 }
 
 impl Session {
@@ -991,10 +923,10 @@ impl Session {
             })?;
         Ok(Session {
             connection,
+            prefix: config.prefix.clone(),
             publish: Slot::new(true),
-            get: Slot::new(false),
             admin: Slot::new(false),
-            held: tokio::sync::OnceCell::new(),
+            feeds: tokio::sync::Mutex::default(),
             leases: Mutex::default(),
             lease_changed: Arc::new(Notify::new()),
             declared: Mutex::default(),
@@ -1002,74 +934,154 @@ impl Session {
         })
     }
 
-    /// The held queue of `inner`, declared and consumed on first use.
-    async fn held(&self, inner: &Inner) -> Result<&Held> {
-        self.held
-            .get_or_try_init(|| async {
-                let channel = self.admin.channel(&self.connection).await?;
-                let returns = inner.return_exchange();
-                declare_return_exchange(&channel, &returns).await?;
-                let held = inner.held_queue();
-                let mut args = FieldTable::default();
-                args.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString(returns.into()),
-                );
-                args.insert(
-                    "x-expires".into(),
-                    AMQPValue::LongLongInt(HELD_EXPIRES.as_millis() as i64),
-                );
-                channel
-                    .queue_declare(short(&held)?, durable_queue(), args)
-                    .await
-                    .map_err(amqp_error(format!("declare the held queue {held:?}")))?;
-
-                let hold = self
-                    .connection
-                    .create_channel()
-                    .await
-                    .map_err(amqp_error("open a channel"))?;
-                let consumer = hold
-                    .basic_consume(
-                        short(&held)?,
-                        "butler-held".into(),
-                        BasicConsumeOptions {
-                            exclusive: true,
-                            ..BasicConsumeOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(amqp_error(format!("consume the held queue {held:?}")))?;
-                let handoff = Arc::new(Handoff::default());
-                let delegate = Arc::clone(&handoff);
-                consumer.set_delegate(move |delivery: DeliveryResult| {
-                    let handoff = Arc::clone(&delegate);
-                    async move { handoff.deliver(delivery).await }
-                });
-                Ok(Held {
-                    _channel: hold,
-                    _consumer: consumer,
-                    handoff,
-                })
-            })
+    /// The feed of `queue`, opening its channel on first use and after the broker closed it
+    /// (whose deliveries are then gone back to the queue).
+    async fn feed(&self, config: &AmqpConfig, queue: &str) -> Result<Arc<Feed>> {
+        let mut feeds = self.feeds.lock().await;
+        if let Some(feed) = feeds.get(queue)
+            && feed.channel.status().connected()
+        {
+            return Ok(Arc::clone(feed));
+        }
+        let action = || format!("consume queue {queue:?}");
+        let channel = self
+            .connection
+            .create_channel()
             .await
+            .map_err(amqp_error(action()))?;
+        channel
+            .basic_qos(config.prefetch, BasicQosOptions { global: true })
+            .await
+            .map_err(amqp_error(action()))?;
+        let feed = Arc::new(Feed {
+            channel,
+            switch: tokio::sync::Mutex::new(()),
+            state: Mutex::new(FeedState {
+                limit: config.prefetch,
+                ..FeedState::default()
+            }),
+            arrived: Notify::new(),
+        });
+        feeds.insert(queue.to_owned(), Arc::clone(&feed));
+        Ok(feed)
     }
 
-    /// Deletes the held queue `held`, if this session made it and holds no lease, then closes
-    /// the connection.
-    async fn shut(&self, held: String) -> Result<()> {
-        if self.held.initialized()
-            && lock(&self.leases).is_empty()
-            && let Ok(channel) = self.admin.channel(&self.connection).await
-            && let Ok(name) = short(&held)
-        {
-            let options = QueueDeleteOptions {
-                if_empty: true,
-                ..QueueDeleteOptions::default()
+    /// Publishes each message to its broker queue, then acks the delivery it came from; one that
+    /// could not be published is put back in its queue as it was.
+    async fn give_back(&self, returns: Vec<Return>) -> Result<()> {
+        if returns.is_empty() {
+            return Ok(());
+        }
+        let publish = self.publish.channel(&self.connection).await?;
+        let mut sent = Vec::with_capacity(returns.len());
+        for back in returns {
+            let confirm = match short(&back.to) {
+                Ok(to) => publish
+                    .basic_publish(
+                        ShortString::default(),
+                        to,
+                        mandatory(),
+                        &back.payload,
+                        back.properties.clone(),
+                    )
+                    .await
+                    .map_err(amqp_error(format!(
+                        "move a message of queue {:?}",
+                        back.queue
+                    ))),
+                Err(e) => Err(e),
             };
-            // A held queue left behind expires on its own; this only tidies up sooner.
-            let _ = channel.queue_delete(name, options).await;
+            sent.push((back, confirm));
+        }
+        let mut failure = None;
+        let mut moved = Vec::with_capacity(sent.len());
+        for (back, confirm) in sent {
+            let stored = match confirm {
+                Ok(confirm) => confirmed(confirm, "move a message of queue", &back.queue).await,
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok(()) => moved.push(back.acker),
+                Err(e) => {
+                    let _ = back
+                        .acker
+                        .reject(BasicRejectOptions { requeue: true })
+                        .await;
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        // Acks have no reply to wait for: they only need to be sent.
+        join_all(moved.iter().map(|a| a.ack(BasicAckOptions::default()))).await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops consuming `queue` and gives back what its feed received but handed to no caller:
+    /// when `idle_only`, only if no dequeue of it ran for [`IDLE_AFTER`].
+    async fn stop_consuming(&self, queue: &str, feed: &Feed, idle_only: bool) -> Result<()> {
+        let _switch = feed.switch.lock().await;
+        let consumer = {
+            let mut state = lock(&feed.state);
+            let idle =
+                state.takers == 0 && state.last_take.is_none_or(|at| at.elapsed() >= IDLE_AFTER);
+            if (idle_only && !idle) || (state.consumer.is_none() && state.waiting.is_empty()) {
+                return Ok(());
+            }
+            state.newest_visible_at = None;
+            state.consumer.take()
+        };
+        if let Some((tag, mut consumer)) = consumer {
+            feed.channel
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await
+                .map_err(amqp_error(format!("stop consuming queue {queue:?}")))?;
+            // What the broker pushed before it confirmed the cancel is in the consumer by now.
+            let mut state = lock(&feed.state);
+            while let Some(Some(Ok(delivery))) = consumer.next().now_or_never() {
+                state.push(delivery);
+            }
+        }
+        let waiting = std::mem::take(&mut lock(&feed.state).waiting);
+        let names = names(&self.prefix, queue);
+        let returns = waiting
+            .into_values()
+            .map(|delivery| {
+                // Given back as received, save that a lost delivery is counted now.
+                let properties = match Meta::read(delivery.properties.headers().as_ref()) {
+                    Some(mut meta) if delivery.redelivered => {
+                        meta.count_lost(Utc::now());
+                        meta.properties()
+                    }
+                    _ => delivery.properties,
+                };
+                Return {
+                    acker: delivery.acker,
+                    to: names.main.clone(),
+                    queue: queue.to_owned(),
+                    payload: delivery.data,
+                    properties,
+                }
+            })
+            .collect();
+        self.give_back(returns).await
+    }
+
+    /// Gives back every queue's waiting messages, then closes the connection.
+    async fn shut(&self) -> Result<()> {
+        let feeds: Vec<(String, Arc<Feed>)> = self
+            .feeds
+            .lock()
+            .await
+            .iter()
+            .map(|(queue, feed)| (queue.clone(), Arc::clone(feed)))
+            .collect();
+        for (queue, feed) in feeds {
+            if let Err(e) = self.stop_consuming(&queue, &feed, false).await {
+                tracing::warn!(queue, error = %e, "could not give back the waiting messages");
+            }
         }
         self.connection
             .close(200, "OK".into())
@@ -1079,10 +1091,174 @@ impl Session {
 
     fn alive(&self) -> bool {
         self.connection.status().connected()
-            && !self
-                .held
-                .get()
-                .is_some_and(|held| held.handoff.broken.load(Ordering::SeqCst))
+    }
+}
+
+impl Feed {
+    /// Counts a dequeue in until the guard is dropped.
+    fn enter(self: &Arc<Self>) -> Taker {
+        lock(&self.state).takers += 1;
+        Taker(Arc::clone(self))
+    }
+
+    /// Starts consuming broker queue `main` unless this feed already does.
+    async fn consume(&self, session: &Session, queue: &str, main: &str) -> Result<()> {
+        if lock(&self.state).consumer.is_some() {
+            return Ok(());
+        }
+        let _switch = self.switch.lock().await;
+        if lock(&self.state).consumer.is_some() {
+            return Ok(());
+        }
+        let tag = ShortString::from(format!("butler-{}", Uuid::new_v4().simple()));
+        let consumer = self
+            .channel
+            .basic_consume(
+                short(main)?,
+                tag.clone(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                if is_not_found(&e) {
+                    lock(&session.declared).remove(queue);
+                }
+                amqp_error(format!("consume queue {queue:?}"))(e)
+            })?;
+        lock(&self.state).consumer = Some((tag, consumer));
+        Ok(())
+    }
+
+    /// Sets the channel's prefetch so that the `held` leases do not count against `ahead`, the
+    /// messages to receive ahead of dequeues; changed only when it is off by more than `ahead`,
+    /// which saves most dequeues the round trip.
+    async fn fit(&self, held: usize, ahead: u16) -> Result<()> {
+        let low = held.saturating_add(usize::from(ahead));
+        let high = low.saturating_add(usize::from(ahead));
+        let current = usize::from(lock(&self.state).limit);
+        if (low..=high).contains(&current) || current == usize::from(u16::MAX) && low >= current {
+            return Ok(());
+        }
+        let limit = u16::try_from(low).unwrap_or(u16::MAX);
+        self.channel
+            .basic_qos(limit, BasicQosOptions { global: true })
+            .await
+            .map_err(amqp_error("set the prefetch"))?;
+        lock(&self.state).limit = limit;
+        Ok(())
+    }
+
+    /// Waits until the messages the broker has pushed to this feed so far have arrived: the
+    /// broker answers a question about the queue on this channel only after them.
+    async fn settle_pushes(&self, main: &str) -> Result<()> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        self.channel
+            .queue_declare(short(main)?, passive, FieldTable::default())
+            .await
+            .map_err(amqp_error(format!("look into queue {main:?}")))?;
+        Ok(())
+    }
+
+    /// Files what a dequeue's wait on the consumer received.
+    fn receive(&self, received: Option<lapin::Result<AmqpDelivery>>) {
+        let mut state = lock(&self.state);
+        match received {
+            Some(Ok(delivery)) => state.push(delivery),
+            // Cancelled by the broker or its channel closed: the next dequeue starts another.
+            Some(Err(_)) | None => state.consumer = None,
+        }
+        drop(state);
+        self.arrived.notify_waiters();
+    }
+
+    /// Takes up to `max` received messages in delivery order, or the ones among them that must
+    /// go back to the broker first.
+    fn pick(&self, max: usize, mut classify: impl FnMut(AmqpDelivery) -> Sorted) -> Picked {
+        let mut state = lock(&self.state);
+        state.drain();
+        let mut ready = Vec::new();
+        let mut returns = Vec::new();
+        while ready.len() < max {
+            let Some((key, delivery)) = state.waiting.pop_first() else {
+                break;
+            };
+            match classify(delivery) {
+                Sorted::Ready(delivery, meta) => ready.push((key, delivery, meta)),
+                Sorted::Return(back) => returns.push(back),
+            }
+        }
+        if returns.is_empty() {
+            return Picked::Ready(ready.into_iter().map(|(_, d, m)| (d, m)).collect());
+        }
+        for (key, delivery, _) in ready {
+            state.waiting.insert(key, delivery);
+        }
+        Picked::Returns(returns)
+    }
+
+    /// How many received messages wait here, and when the oldest of them and the newest
+    /// received became visible.
+    fn waiting_ages(&self) -> (u64, Option<i64>, Option<i64>) {
+        let mut state = lock(&self.state);
+        state.drain();
+        let oldest = state
+            .waiting
+            .values()
+            .filter_map(|d| d.properties.headers().as_ref().and_then(visible_at))
+            .min();
+        (state.waiting.len() as u64, oldest, state.newest_visible_at)
+    }
+}
+
+/// A dequeue in progress, counted by its feed.
+struct Taker(Arc<Feed>);
+
+impl Drop for Taker {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0.state);
+        state.takers -= 1;
+        state.last_take = Some(Instant::now());
+    }
+}
+
+impl FeedState {
+    fn push(&mut self, delivery: AmqpDelivery) {
+        if let Some(at) = delivery.properties.headers().as_ref().and_then(visible_at) {
+            self.newest_visible_at = Some(at);
+        }
+        let priority = delivery.properties.priority().unwrap_or(0);
+        self.arrivals += 1;
+        self.waiting
+            .insert((u8::MAX - priority, self.arrivals), delivery);
+    }
+
+    /// Moves what the consumer has received into `waiting`, without waiting for more.
+    fn drain(&mut self) {
+        let Some((_, consumer)) = self.consumer.as_mut() else {
+            return;
+        };
+        let mut received = Vec::new();
+        let mut ended = false;
+        loop {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(delivery))) => received.push(delivery),
+                Some(Some(Err(_)) | None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if ended {
+            self.consumer = None;
+        }
+        for delivery in received {
+            self.push(delivery);
+        }
     }
 }
 
@@ -1116,33 +1292,7 @@ impl Slot {
     }
 }
 
-impl Handoff {
-    async fn deliver(&self, delivery: DeliveryResult) {
-        match delivery {
-            Ok(Some(delivery)) => {
-                let token = delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| int(h, H_TOKEN))
-                    .map(|t| t as u64);
-                let waiting = token.and_then(|t| lock(&self.waiting).remove(&t));
-                let unclaimed = match waiting {
-                    Some(sender) => sender.send(delivery.acker).err(),
-                    None => Some(delivery.acker),
-                };
-                if let Some(acker) = unclaimed {
-                    // Nobody holds it (a failed dequeue, or an earlier connection's lease):
-                    // back to its queue through the return exchange.
-                    let _ = acker.reject(BasicRejectOptions { requeue: false }).await;
-                }
-            }
-            Ok(None) | Err(_) => self.broken.store(true, Ordering::SeqCst),
-        }
-    }
-}
-
-/// A channel for passive declares and peeks, opened again after a missing queue closes it.
+/// A channel for passive declares, opened again after a missing queue closes it.
 struct Probe<'a> {
     connection: &'a Connection,
     channel: Channel,
@@ -1187,107 +1337,19 @@ impl<'a> Probe<'a> {
         }
     }
 
-    /// How long the head of queue `name` has been visible, read by taking it and putting it back.
-    async fn head_age(&mut self, name: &str, held_queue: &str) -> Result<Option<Duration>> {
-        let got = self
-            .channel
-            .basic_get(short(name)?, BasicGetOptions { no_ack: false })
-            .await;
-        let message = match got {
-            Ok(Some(message)) => message.delivery,
-            Ok(None) => return Ok(None),
-            Err(e) if is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(amqp_error(&self.action)(e)),
-        };
-        let held_prefix = held_queue
-            .rsplit_once('.')
-            .map_or(held_queue, |(prefix, _)| prefix);
-        let headers = message.properties.headers().as_ref();
-        let mut visible_at = headers.and_then(|h| int(h, H_VISIBLE));
-        if let Some((at, _)) = held_death(&message.properties, &format!("{held_prefix}.")) {
-            visible_at = Some(visible_at.unwrap_or(0).max(at.timestamp_millis()));
-        }
-        let visible_at = visible_at.or_else(|| {
-            message
-                .properties
-                .timestamp()
-                .and_then(|secs| i64::try_from(secs).ok())
-                .map(|secs| secs.saturating_mul(1000))
-        });
-        let _ = message
-            .acker
-            .reject(BasicRejectOptions { requeue: true })
-            .await;
-        Ok(visible_at.map(|at| {
-            let age = Utc::now().timestamp_millis().saturating_sub(at).max(0);
-            Duration::from_millis(age.unsigned_abs())
-        }))
-    }
-
     async fn close(self) {
         let _ = self.channel.close(200, "OK".into()).await;
     }
 }
 
-/// Up to `want` messages of `queue` in queue order, asked for with pipelined `basic.get`s, and
-/// how many the broker said were left; on a failure the ones taken go back.
-async fn get_many(
-    channel: &Channel,
-    queue: &ShortString,
-    want: usize,
-) -> lapin::Result<(Vec<AmqpDelivery>, u32)> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..want {
-        let channel = channel.clone();
-        let queue = queue.clone();
-        tasks.spawn(async move {
-            channel
-                .basic_get(queue, BasicGetOptions { no_ack: false })
-                .await
-        });
-    }
-    let mut got = Vec::with_capacity(want);
-    let mut left = u32::MAX;
-    let mut failure = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Ok(Some(message))) => {
-                left = left.min(message.message_count);
-                got.push(message.delivery);
-            }
-            Ok(Ok(None)) => left = 0,
-            Ok(Err(e)) => {
-                failure.get_or_insert(e);
-            }
-            Err(e) => {
-                failure.get_or_insert(lapin::Error::from(std::io::Error::other(e)));
-            }
-        }
-    }
-    if let Some(e) = failure {
-        for message in got {
-            let _ = message
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await;
-        }
-        return Err(e);
-    }
-    // Delivery tags count up in the order the broker handed the messages out.
-    got.sort_by_key(|m| m.delivery_tag);
-    if got.is_empty() {
-        left = 0;
-    }
-    Ok((got, left))
-}
-
-/// Expires the leases of `session` as their deadlines pass, until the session is gone.
-async fn reap(session: Weak<Session>, changed: Arc<Notify>, inner: Weak<Inner>) {
+/// Until the session is gone: publishes again the messages whose lease ran out, and gives
+/// back what idle queues' feeds received.
+async fn sweep(session: Weak<Session>, changed: Arc<Notify>, inner: Weak<Inner>) {
     loop {
         let notified = changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let Some(live) = session.upgrade() else {
+        let (Some(live), Some(owner)) = (session.upgrade(), inner.upgrade()) else {
             return;
         };
         let now = Instant::now();
@@ -1302,21 +1364,44 @@ async fn reap(session: Weak<Session>, changed: Arc<Notify>, inner: Weak<Inner>) 
             let next = leases.values().map(|l| l.until).min();
             (expired, next)
         };
-        drop(live);
-        for lease in expired {
-            // Dead-lettered through the return exchange to the tail of its queue.
-            let _ = lease
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await;
-            if let Some(inner) = inner.upgrade() {
-                inner.wake(&lease.meta.queue);
+        if !expired.is_empty() {
+            let wall = Utc::now();
+            let returns = expired
+                .into_iter()
+                .map(|lease| {
+                    let mut meta = lease.meta;
+                    meta.history.push(history_line(
+                        wall,
+                        &format!("lease expired (delivery {})", meta.deliveries),
+                    ));
+                    meta.visible_at = wall.timestamp_millis();
+                    Return {
+                        acker: lease.acker,
+                        to: owner.names(&meta.queue).main,
+                        queue: meta.queue.clone(),
+                        payload: lease.payload,
+                        properties: meta.properties(),
+                    }
+                })
+                .collect();
+            if let Err(e) = live.give_back(returns).await {
+                tracing::warn!(error = %e, "could not return messages whose lease expired");
             }
         }
-        // Wakes at least every second to notice a dropped session.
-        let until = next.map_or(now + Duration::from_secs(1), |n| {
-            n.min(now + Duration::from_secs(1))
-        });
+        let feeds: Vec<(String, Arc<Feed>)> = live
+            .feeds
+            .lock()
+            .await
+            .iter()
+            .map(|(queue, feed)| (queue.clone(), Arc::clone(feed)))
+            .collect();
+        for (queue, feed) in feeds {
+            if let Err(e) = live.stop_consuming(&queue, &feed, true).await {
+                tracing::warn!(queue, error = %e, "could not give back the waiting messages");
+            }
+        }
+        drop((live, owner));
+        let until = next.map_or(now + SWEEP_EVERY, |n| n.min(now + SWEEP_EVERY));
         tokio::select! {
             () = &mut notified => {}
             () = tokio::time::sleep_until(until) => {}
@@ -1409,7 +1494,6 @@ impl Queue for AmqpQueue {
                     other => other,
                 });
             }
-            inner.wake(&queue);
             Ok(ids)
         })
         .await
@@ -1427,45 +1511,8 @@ impl Queue for AmqpQueue {
             return Ok(Vec::new());
         }
         let deadline = Instant::now().checked_add(wait);
-        let notify = self.inner.waker(queue);
-        let poll = self.inner.config.poll_interval();
-        loop {
-            // Registered before looking, so an enqueue between the look and the wait still wakes.
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-
-            let (sender, receiver) = oneshot::channel::<Result<(Arc<Session>, Vec<Delivery>)>>();
-            let inner = Arc::clone(&self.inner);
-            let name = queue.to_owned();
-            tokio::spawn(async move {
-                let result = async {
-                    let session = inner.session().await?;
-                    inner.ensure_queue(&session, &name).await?;
-                    let out = inner.take(&session, &name, max, lease).await?;
-                    Ok((session, out))
-                }
-                .await;
-                if let Err(Ok((session, out))) = sender.send(result) {
-                    // The caller stopped waiting: give the messages back at once.
-                    inner.release(&session, &out).await;
-                }
-            });
-            let (_, out) = receiver.await.map_err(|e| {
-                Error::backend(format!("the dequeue from queue {queue:?} stopped"), e)
-            })??;
-
-            let now = Instant::now();
-            if !out.is_empty() || deadline.is_some_and(|d| now >= d) {
-                return Ok(out);
-            }
-            let next = now + poll;
-            let until = deadline.map_or(next, |d| d.min(next));
-            tokio::select! {
-                () = &mut notified => {}
-                () = tokio::time::sleep_until(until) => {}
-            }
-        }
+        let session = self.inner.session().await?;
+        self.inner.take(&session, queue, max, lease, deadline).await
     }
 
     async fn ack(&self, tags: &[DeliveryTag]) -> Result<Vec<bool>> {
@@ -1475,23 +1522,18 @@ impl Queue for AmqpQueue {
         let Some(session) = self.inner.current_session().await else {
             return Ok(vec![false; tags.len()]);
         };
-        let tags = tags.to_vec();
-        detached(async move {
-            let mut answers = Vec::with_capacity(tags.len());
-            for tag in tags {
-                let answer = match take_lease(&session, tag) {
-                    Some(lease) => lease
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map_err(amqp_error("ack a message"))?,
-                    None => false,
-                };
-                answers.push(answer);
+        let held: Vec<Option<Lease>> = tags.iter().map(|t| take_lease(&session, *t)).collect();
+        let acks = held.iter().map(|lease| async move {
+            match lease {
+                Some(lease) => lease.acker.ack(BasicAckOptions::default()).await,
+                None => Ok(false),
             }
-            Ok(answers)
-        })
-        .await
+        });
+        join_all(acks)
+            .await
+            .into_iter()
+            .map(|acked| acked.map_err(amqp_error("ack a message")))
+            .collect()
     }
 
     async fn nack(&self, tags: &[DeliveryTag], delay: Duration) -> Result<Vec<bool>> {
@@ -1547,6 +1589,17 @@ impl Queue for AmqpQueue {
     }
 }
 
+/// When a message with these headers became visible, in milliseconds since the epoch.
+fn visible_at(headers: &FieldTable) -> Option<i64> {
+    int(headers, H_VISIBLE).or_else(|| int(headers, H_ENQUEUED))
+}
+
+/// How long ago `at` (milliseconds since the epoch) was; zero for a time not yet come.
+fn age(at: i64) -> Duration {
+    let ms = Utc::now().timestamp_millis().saturating_sub(at).max(0);
+    Duration::from_millis(ms.unsigned_abs())
+}
+
 /// Runs `work` as its own task, so it finishes even if the caller stops waiting for it.
 async fn detached<T: Send + 'static>(
     work: impl Future<Output = Result<T>> + Send + 'static,
@@ -1580,7 +1633,21 @@ impl Meta {
         })
     }
 
-    fn headers(&self, token: Option<u64>) -> FieldTable {
+    /// Counts the delivery a message lost when its consumer's connection closed before it was
+    /// acked (the broker put it back marked redelivered).
+    fn count_lost(&mut self, now: DateTime<Utc>) {
+        self.deliveries += 1;
+        self.history.push(history_line(
+            now,
+            &format!(
+                "lease expired (delivery {}; its consumer's connection closed)",
+                self.deliveries
+            ),
+        ));
+        self.visible_at = now.timestamp_millis();
+    }
+
+    fn headers(&self) -> FieldTable {
         let mut h = FieldTable::default();
         h.insert(H_ID.into(), AMQPValue::LongLongInt(self.id));
         h.insert(
@@ -1610,19 +1677,16 @@ impl Meta {
         if let Some(at) = self.dead_at {
             h.insert(H_DEAD_AT.into(), AMQPValue::LongLongInt(at));
         }
-        if let Some(token) = token {
-            h.insert(H_TOKEN.into(), AMQPValue::LongLongInt(token as i64));
-        }
         h
     }
 
-    fn properties(&self, token: Option<u64>) -> BasicProperties {
+    fn properties(&self) -> BasicProperties {
         BasicProperties::default()
             .with_delivery_mode(2)
             .with_priority(broker_priority(self.priority))
             .with_message_id(self.id.to_string().into())
             .with_timestamp(u64::try_from(self.enqueued_at / 1000).unwrap_or(0))
-            .with_headers(self.headers(token))
+            .with_headers(self.headers())
     }
 }
 
@@ -1674,66 +1738,11 @@ fn bit_pattern(bit: u32, value: char) -> String {
         .join(".")
 }
 
-/// The time of the last line of `history`.
-fn last_event(history: &[String]) -> Option<DateTime<Utc>> {
-    let line = history.last()?;
-    let stamp = line
-        .split_once(' ')
-        .map_or(line.as_str(), |(stamp, _)| stamp);
-    DateTime::parse_from_rfc3339(stamp)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
-}
-
 /// When a lease of `lease` from now ends; far in the future when that overflows.
 fn far(lease: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(lease)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
-}
-
-/// When the message's last lease was ended by RabbitMQ dead-lettering it out of a held queue,
-/// and why (`rejected` by its holder, or `expired` after its holder's connection closed).
-fn held_death(properties: &BasicProperties, held_prefix: &str) -> Option<(DateTime<Utc>, String)> {
-    let headers = properties.headers().as_ref()?;
-    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
-        return None;
-    };
-    deaths.as_slice().iter().find_map(|death| {
-        let AMQPValue::FieldTable(death) = death else {
-            return None;
-        };
-        let queue = string(death, "queue")?;
-        if !queue.starts_with(held_prefix) {
-            return None;
-        }
-        let at = match death.inner().get("time") {
-            Some(AMQPValue::Timestamp(secs)) => i64::try_from(*secs)
-                .ok()
-                .and_then(|s| DateTime::from_timestamp(s, 0)),
-            _ => None,
-        }
-        .unwrap_or_else(Utc::now);
-        Some((at, string(death, "reason").unwrap_or_default()))
-    })
-}
-
-async fn declare_return_exchange(channel: &Channel, name: &str) -> Result<()> {
-    // Deleted by the broker when its last binding goes, with the last of the prefix's queues.
-    let options = ExchangeDeclareOptions {
-        durable: true,
-        auto_delete: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            short(name)?,
-            ExchangeKind::Headers,
-            options,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp_error(format!("declare the exchange {name:?}")))
 }
 
 /// Waits for the broker to confirm a publish, failing when it refused it or had no queue for it.
@@ -1900,18 +1909,6 @@ mod tests {
     }
 
     #[test]
-    fn the_last_event_is_read_from_the_history() {
-        assert_eq!(last_event(&[]), None);
-        let at = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
-        let history = vec![
-            "garbage".to_owned(),
-            history_line(at, "delivered (delivery 1)"),
-        ];
-        assert_eq!(last_event(&history), Some(at));
-        assert_eq!(last_event(&history[..1]), None);
-    }
-
-    #[test]
     fn headers_round_trip() {
         let meta = Meta {
             id: 42,
@@ -1924,12 +1921,11 @@ mod tests {
             history: vec!["a".into(), "b".into()],
             dead_at: Some(1_700_000_001_000),
         };
-        let headers = meta.headers(Some(7));
+        let headers = meta.headers();
         assert_eq!(Meta::read(Some(&headers)), Some(meta.clone()));
-        assert_eq!(int(&headers, H_TOKEN), Some(7));
         assert_eq!(Meta::read(None), None);
         assert_eq!(Meta::read(Some(&FieldTable::default())), None);
-        let properties = meta.properties(None);
+        let properties = meta.properties();
         assert_eq!(*properties.priority(), Some(7));
         assert_eq!(*properties.delivery_mode(), Some(2));
     }
