@@ -54,7 +54,6 @@ const LONGEST_SUFFIX: usize = ".delay.route28".len();
 const MAX_NAME_LEN: usize = 255;
 
 const H_ID: &str = "butler-id";
-const H_QUEUE: &str = "butler-queue";
 const H_DELIVERIES: &str = "butler-deliveries";
 const H_MAX: &str = "butler-max-deliveries";
 const H_ENQUEUED: &str = "butler-enqueued-at";
@@ -635,7 +634,7 @@ impl Inner {
     /// times (moved to the dead letters).
     fn classify(&self, queue: &str, delivery: AmqpDelivery) -> Sorted {
         let now = Utc::now();
-        let mut meta = Meta::read(delivery.properties.headers().as_ref())
+        let mut meta = Meta::read(&delivery.properties, queue)
             .unwrap_or_else(|| self.adopt(queue, &delivery, now));
         let names = self.names(queue);
         let mut to = None;
@@ -859,8 +858,7 @@ impl Inner {
                 .await
             {
                 Ok(Some(message)) => {
-                    let headers = message.delivery.properties.headers().as_ref();
-                    let meta = Meta::read(headers)
+                    let meta = Meta::read(&message.delivery.properties, queue)
                         .unwrap_or_else(|| self.adopt(queue, &message.delivery, Utc::now()));
                     out.push(DeadLetter {
                         message_id: meta.id,
@@ -1050,7 +1048,7 @@ impl Session {
             .into_values()
             .map(|delivery| {
                 // Given back as received, save that a lost delivery is counted now.
-                let properties = match Meta::read(delivery.properties.headers().as_ref()) {
+                let properties = match Meta::read(&delivery.properties, queue) {
                     Some(mut meta) if delivery.redelivered => {
                         meta.count_lost(Utc::now());
                         meta.properties()
@@ -1610,18 +1608,26 @@ async fn detached<T: Send + 'static>(
 }
 
 impl Meta {
-    fn read(headers: Option<&FieldTable>) -> Option<Meta> {
-        let h = headers?;
+    /// Butler's headers of a message found in (or moved out of) Butler queue `queue`; `None`
+    /// for a message Butler did not publish.
+    fn read(properties: &BasicProperties, queue: &str) -> Option<Meta> {
+        let h = properties.headers().as_ref()?;
         let count = |key| int(h, key).and_then(|n| u32::try_from(n).ok());
+        let enqueued_at = int(h, H_ENQUEUED)?;
         Some(Meta {
             id: int(h, H_ID)?,
-            queue: string(h, H_QUEUE)?,
-            deliveries: count(H_DELIVERIES)?,
-            max_deliveries: count(H_MAX)?,
-            enqueued_at: int(h, H_ENQUEUED)?,
-            visible_at: int(h, H_VISIBLE).or_else(|| int(h, H_ENQUEUED))?,
+            queue: queue.to_owned(),
+            deliveries: count(H_DELIVERIES).unwrap_or(0),
+            max_deliveries: count(H_MAX).unwrap_or(DEFAULT_MAX_DELIVERIES),
+            enqueued_at,
+            visible_at: int(h, H_VISIBLE).unwrap_or(enqueued_at),
             priority: int(h, H_PRIORITY)
                 .and_then(|p| i32::try_from(p).ok())
+                .or_else(|| {
+                    properties
+                        .priority()
+                        .map(|p| i32::from(p) + PRIORITIES.start())
+                })
                 .unwrap_or(0),
             history: match h.inner().get(H_HISTORY) {
                 Some(AMQPValue::FieldArray(lines)) => {
@@ -1647,33 +1653,41 @@ impl Meta {
         self.visible_at = now.timestamp_millis();
     }
 
+    /// The headers of the message: only what differs from a new message's defaults, since the
+    /// broker's work per message grows with its size.
     fn headers(&self) -> FieldTable {
         let mut h = FieldTable::default();
         h.insert(H_ID.into(), AMQPValue::LongLongInt(self.id));
-        h.insert(
-            H_QUEUE.into(),
-            AMQPValue::LongString(self.queue.as_str().into()),
-        );
-        h.insert(
-            H_DELIVERIES.into(),
-            AMQPValue::LongLongInt(i64::from(self.deliveries)),
-        );
-        h.insert(
-            H_MAX.into(),
-            AMQPValue::LongLongInt(i64::from(self.max_deliveries)),
-        );
         h.insert(H_ENQUEUED.into(), AMQPValue::LongLongInt(self.enqueued_at));
-        h.insert(H_VISIBLE.into(), AMQPValue::LongLongInt(self.visible_at));
-        h.insert(H_PRIORITY.into(), AMQPValue::LongInt(self.priority));
-        let lines: Vec<AMQPValue> = self
-            .history
-            .iter()
-            .map(|line| AMQPValue::LongString(line.as_str().into()))
-            .collect();
-        h.insert(
-            H_HISTORY.into(),
-            AMQPValue::FieldArray(FieldArray::from(lines)),
-        );
+        if self.deliveries > 0 {
+            h.insert(
+                H_DELIVERIES.into(),
+                AMQPValue::LongLongInt(i64::from(self.deliveries)),
+            );
+        }
+        if self.max_deliveries != DEFAULT_MAX_DELIVERIES {
+            h.insert(
+                H_MAX.into(),
+                AMQPValue::LongLongInt(i64::from(self.max_deliveries)),
+            );
+        }
+        if self.visible_at != self.enqueued_at {
+            h.insert(H_VISIBLE.into(), AMQPValue::LongLongInt(self.visible_at));
+        }
+        if !PRIORITIES.contains(&self.priority) {
+            h.insert(H_PRIORITY.into(), AMQPValue::LongInt(self.priority));
+        }
+        if !self.history.is_empty() {
+            let lines: Vec<AMQPValue> = self
+                .history
+                .iter()
+                .map(|line| AMQPValue::LongString(line.as_str().into()))
+                .collect();
+            h.insert(
+                H_HISTORY.into(),
+                AMQPValue::FieldArray(FieldArray::from(lines)),
+            );
+        }
         if let Some(at) = self.dead_at {
             h.insert(H_DEAD_AT.into(), AMQPValue::LongLongInt(at));
         }
@@ -1684,7 +1698,6 @@ impl Meta {
         BasicProperties::default()
             .with_delivery_mode(2)
             .with_priority(broker_priority(self.priority))
-            .with_message_id(self.id.to_string().into())
             .with_timestamp(u64::try_from(self.enqueued_at / 1000).unwrap_or(0))
             .with_headers(self.headers())
     }
@@ -1845,10 +1858,6 @@ fn int(table: &FieldTable, key: &str) -> Option<i64> {
     }
 }
 
-fn string(table: &FieldTable, key: &str) -> Option<String> {
-    table.inner().get(key).and_then(text)
-}
-
 fn text(value: &AMQPValue) -> Option<String> {
     match value {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
@@ -1921,12 +1930,32 @@ mod tests {
             history: vec!["a".into(), "b".into()],
             dead_at: Some(1_700_000_001_000),
         };
-        let headers = meta.headers();
-        assert_eq!(Meta::read(Some(&headers)), Some(meta.clone()));
-        assert_eq!(Meta::read(None), None);
-        assert_eq!(Meta::read(Some(&FieldTable::default())), None);
         let properties = meta.properties();
+        assert_eq!(Meta::read(&properties, "jobs"), Some(meta.clone()));
         assert_eq!(*properties.priority(), Some(7));
         assert_eq!(*properties.delivery_mode(), Some(2));
+        assert_eq!(Meta::read(&BasicProperties::default(), "jobs"), None);
+        let empty = BasicProperties::default().with_headers(FieldTable::default());
+        assert_eq!(Meta::read(&empty, "jobs"), None);
+
+        // A new message carries its id and enqueue time only; the rest are defaults.
+        let new = Meta {
+            deliveries: 0,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
+            visible_at: meta.enqueued_at,
+            priority: 4,
+            history: Vec::new(),
+            dead_at: None,
+            ..meta.clone()
+        };
+        let properties = new.properties();
+        let headers = properties.headers().as_ref().expect("headers");
+        assert_eq!(headers.inner().len(), 2, "{headers:?}");
+        assert_eq!(Meta::read(&properties, "jobs"), Some(new.clone()));
+        let far = Meta {
+            priority: 50,
+            ..new
+        };
+        assert_eq!(Meta::read(&far.properties(), "jobs"), Some(far));
     }
 }
