@@ -400,7 +400,6 @@ fn metrics_count_what_the_runs_did_and_agree_with_the_cli() {
         ("butler_store_call_duration_seconds_count", "list_tasks"),
         ("butler_queue_call_duration_seconds_count", "enqueue"),
         ("butler_queue_call_duration_seconds_count", "ack"),
-        ("butler_queue_call_duration_seconds_count", "extend"),
     ] {
         assert!(done.value(family, &[("op", op)]) > 0.0, "{family} {op}");
     }

@@ -60,7 +60,7 @@ pub const OUTCOMES: [&str; 7] = [
 pub const STORE_OPS: [&str; 3] = ["apply", "list_tasks", "list_events"];
 /// The `op` label values of [`QUEUE_CALL_DURATION`]. A dequeue is not timed: it waits for
 /// messages, so its duration says how idle the workers are, not how fast the queue is.
-pub const QUEUE_OPS: [&str; 3] = ["enqueue", "ack", "extend"];
+pub const QUEUE_OPS: [&str; 2] = ["enqueue", "ack"];
 
 /// Bucket bounds (seconds) fit for task attempts: from a `true` to a multi-hour job.
 pub const ATTEMPT_BUCKETS: [f64; 16] = [

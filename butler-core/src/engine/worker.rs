@@ -80,8 +80,6 @@ struct Claimed {
     task: TaskInstance,
     workflow: Id,
     config: uuid::Uuid,
-    /// The queue delivery that carried the task; none for a task handed over in memory.
-    tag: Option<DeliveryTag>,
     renewal: Renewal,
 }
 
@@ -393,7 +391,9 @@ impl Worker {
     }
 
     /// Claims the attempts in one commit, each if its task is still queued at the message's
-    /// try, and starts those it won.
+    /// try, and starts those it won. The deliveries are acked once the claims are committed,
+    /// won or not: from then on the store's lease, not the queue's, brings a task back if this
+    /// worker dies, so a long task holds no queue delivery while it runs.
     async fn start(
         self: Arc<Self>,
         found: Vec<(TaskMessage, TaskInstance, Option<DeliveryTag>)>,
@@ -403,11 +403,11 @@ impl Worker {
         let lease_until = now + self.options.lease;
         let mut claims = Vec::new();
         let mut sets = Vec::new();
-        let mut stale = Vec::new();
+        let mut tags = Vec::new();
         for (message, task, tag) in found {
+            tags.extend(tag);
             if task.state != TaskState::Queued || task.try_number != message.try_number {
                 // The task moved on (a duplicate message, a cancelled run): nothing to do.
-                stale.extend(tag);
                 continue;
             }
             let new = TaskInstance {
@@ -428,20 +428,22 @@ impl Worker {
                 by: self.name.clone(),
                 reason: format!("attempt {} started", new.try_number),
             })]);
-            claims.push((new, message.workflow, message.config, tag));
+            claims.push((new, message.workflow, message.config));
         }
         let won = self.commits.submit(sets).await?;
-        self.prefetch_configs(claims.iter().map(|(_, _, config, _)| *config))
+        if !tags.is_empty() {
+            self.acks.submit(tags).await?;
+        }
+        self.prefetch_configs(claims.iter().map(|(_, _, config)| *config))
             .await?;
-        for ((task, workflow, config, tag), ok) in claims.into_iter().zip(won) {
+        for ((task, workflow, config), ok) in claims.into_iter().zip(won) {
             if !ok {
-                stale.extend(tag);
                 continue;
             }
             // The attempt waits for its slot on its own, so that the next attempts are taken
             // meanwhile; the semaphore hands slots out in the order asked. Its lease is renewed
             // from now on, however long it waits.
-            let renewal = self.clone().renew(&task, tag);
+            let renewal = self.clone().renew(&task);
             self.waiting.fetch_add(1, Ordering::AcqRel);
             let worker = self.clone();
             let slots = self.slots.clone();
@@ -459,16 +461,12 @@ impl Worker {
                     task,
                     workflow,
                     config,
-                    tag,
                     renewal,
                 };
                 if let Err(err) = worker.attempt(attempt, permit, shutdown).await {
                     warn!(error = %err, "attempt could not be recorded; its lease will expire");
                 }
             });
-        }
-        if !stale.is_empty() {
-            self.acks.submit(stale).await?;
         }
         Ok(())
     }
@@ -545,7 +543,6 @@ impl Worker {
             task,
             workflow,
             config,
-            tag,
             renewal,
         } = claimed;
         let token = task.token.unwrap_or_default();
@@ -629,7 +626,6 @@ impl Worker {
         if lost.is_cancelled() {
             info!(run = run_id, task = %task.task_id, "attempt stopped: the task is no longer this worker's");
             metrics::attempt_ended("cancelled", Some(took), false);
-            self.ack(tag).await?;
             return Ok(());
         }
         let new = retry::after_attempt(&def, &task, &finished.outcome, Utc::now());
@@ -667,23 +663,15 @@ impl Worker {
             let outcome = metrics::outcome_label(&finished.outcome);
             metrics::attempt_ended(outcome, Some(took), retried);
         }
-        self.ack(tag).await
-    }
-
-    /// Acks the delivery that carried an attempt, if a queue delivered it.
-    async fn ack(&self, tag: Option<DeliveryTag>) -> Result<()> {
-        if let Some(tag) = tag {
-            self.acks.submit(vec![tag]).await?;
-        }
         Ok(())
     }
 
     /// Starts renewing the lease of the attempt claimed for `task`.
-    fn renew(self: Arc<Self>, task: &TaskInstance, tag: Option<DeliveryTag>) -> Renewal {
+    fn renew(self: Arc<Self>, task: &TaskInstance) -> Renewal {
         let cancel = CancellationToken::new();
         let lost = CancellationToken::new();
         let token = task.token.unwrap_or_default();
-        let renewing = self.heartbeat(task, token, tag, cancel.clone(), lost.clone());
+        let renewing = self.heartbeat(task, token, cancel.clone(), lost.clone());
         Renewal {
             task: tokio::spawn(renewing),
             cancel,
@@ -691,13 +679,12 @@ impl Worker {
         }
     }
 
-    /// Renews the attempt's lease in the store and the queue until cancelled; when the store
+    /// Renews the attempt's lease in the store until cancelled; when the store
     /// refuses (the run was cancelled, or the lease was lost), cancels the attempt.
     fn heartbeat(
         self: Arc<Self>,
         task: &TaskInstance,
         token: i64,
-        tag: Option<DeliveryTag>,
         cancel: CancellationToken,
         lost: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -714,13 +701,7 @@ impl Worker {
                     until: Utc::now() + self.options.lease,
                 });
                 match self.commits.submit(vec![vec![change]]).await {
-                    Ok(ok) if ok.first() == Some(&true) => {
-                        if let Some(tag) = tag {
-                            let tags = [tag];
-                            let extend = self.queue.extend(&tags, self.options.lease);
-                            let _ = metrics::queue_call("extend", extend).await;
-                        }
-                    }
+                    Ok(ok) if ok.first() == Some(&true) => {}
                     Ok(_) => {
                         lost.cancel();
                         cancel.cancel();
