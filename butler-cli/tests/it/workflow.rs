@@ -193,17 +193,7 @@ fn invalid_json_config_is_rejected_with_line_and_column() {
         "{\n  \"test_message\": \"hi\",\n  \"depth\": 30x\n}\n",
     );
     let definition = sandbox.write("def.toml", DEFINITION);
-    let stderr = sandbox.fail(&[
-        "create-workflow",
-        "-n",
-        "t",
-        "-v",
-        "1",
-        "-c",
-        &config,
-        "--definition",
-        &definition,
-    ]);
+    let stderr = create_fails(&sandbox, &config, &definition);
     assert!(
         stderr.contains("bad.json:3:"),
         "file and line missing: {stderr}"
@@ -236,17 +226,7 @@ fn non_object_config_is_rejected() {
     let sandbox = Sandbox::new();
     let config = sandbox.write("list.json", "[1, 2, 3]");
     let definition = sandbox.write("def.toml", DEFINITION);
-    let stderr = sandbox.fail(&[
-        "create-workflow",
-        "-n",
-        "t",
-        "-v",
-        "1",
-        "-c",
-        &config,
-        "--definition",
-        &definition,
-    ]);
+    let stderr = create_fails(&sandbox, &config, &definition);
     assert!(stderr.contains("JSON object"), "{stderr}");
     assert!(stderr.contains("an array"), "{stderr}");
     assert_eq!(workflow_count(&sandbox), 0);
@@ -261,17 +241,7 @@ fn a_cycle_in_the_definition_is_shown_and_nothing_stored() {
         "[[tasks]]\nid = \"a\"\nrun = \"true\"\nneeds = [\"b\"]\n\n\
          [[tasks]]\nid = \"b\"\nrun = \"true\"\nneeds = [\"a\"]\n",
     );
-    let stderr = sandbox.fail(&[
-        "create-workflow",
-        "-n",
-        "t",
-        "-v",
-        "1",
-        "-c",
-        &config,
-        "--definition",
-        &definition,
-    ]);
+    let stderr = create_fails(&sandbox, &config, &definition);
     assert!(stderr.contains("cycle.toml"), "{stderr}");
     assert!(stderr.contains("cycle"), "{stderr}");
     assert!(stderr.contains('a') && stderr.contains('b'), "{stderr}");
@@ -286,17 +256,7 @@ fn an_unknown_need_is_named_and_nothing_stored() {
         "unknown.toml",
         "[[tasks]]\nid = \"align\"\nrun = \"true\"\nneeds = [\"fetch_reads\"]\n",
     );
-    let stderr = sandbox.fail(&[
-        "create-workflow",
-        "-n",
-        "t",
-        "-v",
-        "1",
-        "-c",
-        &config,
-        "--definition",
-        &definition,
-    ]);
+    let stderr = create_fails(&sandbox, &config, &definition);
     assert!(stderr.contains("fetch_reads"), "{stderr}");
     assert!(stderr.contains("align"), "{stderr}");
     assert_eq!(workflow_count(&sandbox), 0);
@@ -310,17 +270,7 @@ fn a_template_syntax_error_is_rejected() {
         "broken.toml",
         "[[tasks]]\nid = \"say\"\nrun = \"echo {{ config.x \"\n",
     );
-    let stderr = sandbox.fail(&[
-        "create-workflow",
-        "-n",
-        "t",
-        "-v",
-        "1",
-        "-c",
-        &config,
-        "--definition",
-        &definition,
-    ]);
+    let stderr = create_fails(&sandbox, &config, &definition);
     assert!(stderr.contains("say"), "{stderr}");
     assert_eq!(workflow_count(&sandbox), 0);
 }
@@ -402,4 +352,19 @@ fn a_missing_definition_file_is_named() {
     ]);
     assert!(stderr.contains("nowhere.toml"), "{stderr}");
     assert_eq!(workflow_count(&sandbox), 0);
+}
+
+/// Runs `create-workflow -n t -v 1` with `config` and `definition`, which must fail; its stderr.
+fn create_fails(sandbox: &Sandbox, config: &str, definition: &str) -> String {
+    sandbox.fail(&[
+        "create-workflow",
+        "-n",
+        "t",
+        "-v",
+        "1",
+        "-c",
+        config,
+        "--definition",
+        definition,
+    ])
 }
