@@ -199,8 +199,7 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// Deletes the broker's queues and exchanges under this cluster's prefix. The processes'
-    /// own held queues are left to expire, as the broker does for every closed connection.
+    /// Deletes the broker's queues and exchanges under this cluster's prefix.
     fn delete_queues(&self) -> butler_core::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
