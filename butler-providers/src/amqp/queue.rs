@@ -46,6 +46,9 @@ const DELAY_HOPS: u32 = 28;
 /// A process that has not dequeued from a queue for this long stops consuming it and gives the
 /// messages it received but handed to no caller back to the queue, for other processes.
 const IDLE_AFTER: Duration = Duration::from_secs(1);
+/// How long a dequeue that does not wait waits at most for ready messages the broker is about
+/// to push.
+const PUSH_PATIENCE: Duration = Duration::from_millis(100);
 /// How often the background task of a connection looks for idle queues and a closed value.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 /// The longest suffix added to `{prefix}.{queue}` (`.delay.route28`), for the name length check.
@@ -118,7 +121,8 @@ const H_DEAD_AT: &str = "butler-dead-at";
 /// - **Order.** A message published again (nack, end of a lease, give-back) goes to the back of
 ///   its priority. A dequeue that waits takes what has reached its process, so a message pushed
 ///   before a higher-priority one was enqueued may come first; a dequeue that does not wait first
-///   asks the broker to finish pushing what is ready.
+///   asks the broker to finish pushing what is ready, and waits up to 100 ms for ready messages
+///   it has room for.
 /// - **Leases** are enforced by the process holding them: a tag whose lease expired answers
 ///   `false` as soon as the message is given back, even before it is delivered again. Tags are
 ///   answered only by the [`AmqpQueue`] (or a clone) that delivered them, and only while its
@@ -586,10 +590,14 @@ impl Inner {
             .count();
         feed.fit(held, self.config.prefetch).await?;
         feed.consume(session, queue, &main).await?;
-        if deadline.is_some_and(|d| d <= Instant::now()) {
-            // A dequeue that does not wait takes what is ready now, not only what has arrived.
-            feed.settle_pushes(&main).await?;
-        }
+        // A dequeue that does not wait takes what is ready now, not only what has arrived.
+        let now_only = deadline.is_some_and(|d| d <= Instant::now());
+        let mut ready_there = if now_only {
+            feed.settle_pushes(&main).await?
+        } else {
+            0
+        };
+        let patience = Instant::now() + PUSH_PATIENCE;
         loop {
             // Registered before looking, so that a message moved in meanwhile still wakes it.
             let arrived = feed.arrived.notified();
@@ -601,12 +609,27 @@ impl Inner {
                     // Published in a task of its own: dropping this dequeue cannot strand them.
                     let session = Arc::clone(session);
                     detached(async move { session.give_back(returns).await }).await?;
+                    if now_only {
+                        // Their acks made room for what the broker had held back.
+                        ready_there = feed.settle_pushes(&main).await?;
+                    }
                     continue;
                 }
                 Picked::Ready(ready) if !ready.is_empty() => {
                     return Ok(self.lease(session, ready, lease));
                 }
                 Picked::Ready(_) => {}
+            }
+            if now_only {
+                // The broker applies a changed prefetch limit a moment after it confirms it:
+                // messages it holds ready while this process has room are on their way.
+                let room = usize::from(lock(&feed.state).limit) > held;
+                if ready_there > 0 && room && Instant::now() < patience {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    ready_there = feed.settle_pushes(&main).await?;
+                    continue;
+                }
+                return Ok(Vec::new());
             }
             if deadline.is_some_and(|d| d <= Instant::now()) {
                 return Ok(Vec::new());
@@ -1147,18 +1170,20 @@ impl Feed {
         Ok(())
     }
 
-    /// Waits until the messages the broker has pushed to this feed so far have arrived: the
-    /// broker answers a question about the queue on this channel only after them.
-    async fn settle_pushes(&self, main: &str) -> Result<()> {
+    /// Waits until the messages the broker has pushed to this feed so far have arrived (the
+    /// broker answers a question about the queue on this channel only after them); how many
+    /// ready messages the broker still holds.
+    async fn settle_pushes(&self, main: &str) -> Result<u32> {
         let passive = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        self.channel
+        let queue = self
+            .channel
             .queue_declare(short(main)?, passive, FieldTable::default())
             .await
             .map_err(amqp_error(format!("look into queue {main:?}")))?;
-        Ok(())
+        Ok(queue.message_count())
     }
 
     /// Files what a dequeue's wait on the consumer received.
