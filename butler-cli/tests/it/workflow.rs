@@ -206,17 +206,7 @@ fn invalid_json_config_is_rejected_with_line_and_column() {
 fn missing_config_file_is_named() {
     let sandbox = Sandbox::new();
     let definition = sandbox.write("def.toml", DEFINITION);
-    let stderr = sandbox.fail(&[
-        "create-workflow",
-        "-n",
-        "t",
-        "-v",
-        "1",
-        "-c",
-        "absent.json",
-        "--definition",
-        &definition,
-    ]);
+    let stderr = create_fails(&sandbox, "absent.json", &definition);
     assert!(stderr.contains("absent.json"), "{stderr}");
     assert_eq!(workflow_count(&sandbox), 0);
 }

@@ -1090,8 +1090,8 @@ impl Session {
         self.give_back(returns).await
     }
 
-    /// Gives back every queue's waiting messages, then closes the connection.
-    async fn shut(&self) -> Result<()> {
+    /// [`Session::stop_consuming`] for every queue this session consumes.
+    async fn stop_all(&self, idle_only: bool) {
         let feeds: Vec<(String, Arc<Feed>)> = self
             .feeds
             .lock()
@@ -1100,10 +1100,15 @@ impl Session {
             .map(|(queue, feed)| (queue.clone(), Arc::clone(feed)))
             .collect();
         for (queue, feed) in feeds {
-            if let Err(e) = self.stop_consuming(&queue, &feed, false).await {
+            if let Err(e) = self.stop_consuming(&queue, &feed, idle_only).await {
                 tracing::warn!(queue, error = %e, "could not give back the waiting messages");
             }
         }
+    }
+
+    /// Gives back every queue's waiting messages, then closes the connection.
+    async fn shut(&self) -> Result<()> {
+        self.stop_all(false).await;
         self.connection
             .close(200, "OK".into())
             .await
@@ -1411,18 +1416,7 @@ async fn sweep(session: Weak<Session>, changed: Arc<Notify>, inner: Weak<Inner>)
                 tracing::warn!(error = %e, "could not return messages whose lease expired");
             }
         }
-        let feeds: Vec<(String, Arc<Feed>)> = live
-            .feeds
-            .lock()
-            .await
-            .iter()
-            .map(|(queue, feed)| (queue.clone(), Arc::clone(feed)))
-            .collect();
-        for (queue, feed) in feeds {
-            if let Err(e) = live.stop_consuming(&queue, &feed, true).await {
-                tracing::warn!(queue, error = %e, "could not give back the waiting messages");
-            }
-        }
+        live.stop_all(true).await;
         drop((live, owner));
         let until = next.map_or(now + SWEEP_EVERY, |n| n.min(now + SWEEP_EVERY));
         tokio::select! {
