@@ -432,7 +432,14 @@ impl Worker {
         }
         let won = self.commits.submit(sets).await?;
         if !tags.is_empty() {
-            self.acks.submit(tags).await?;
+            // The attempts need not wait for it: an ack that fails costs only a stale delivery
+            // later, which the next claim drops.
+            let acks = self.acks.clone();
+            tokio::spawn(async move {
+                if let Err(err) = acks.submit(tags).await {
+                    warn!(error = %err, "could not ack claimed deliveries; they come back stale");
+                }
+            });
         }
         self.prefetch_configs(claims.iter().map(|(_, _, config)| *config))
             .await?;
