@@ -329,17 +329,7 @@ fn an_empty_name_is_refused() {
 fn a_missing_definition_file_is_named() {
     let sandbox = Sandbox::new();
     let config = sandbox.write("wf.json", CONFIG);
-    let stderr = sandbox.fail(&[
-        "create-workflow",
-        "-n",
-        "t",
-        "-v",
-        "1",
-        "-c",
-        &config,
-        "--definition",
-        "nowhere.toml",
-    ]);
+    let stderr = create_fails(&sandbox, &config, "nowhere.toml");
     assert!(stderr.contains("nowhere.toml"), "{stderr}");
     assert_eq!(workflow_count(&sandbox), 0);
 }

@@ -659,13 +659,15 @@ impl Inner {
         let now = Utc::now();
         let mut meta = Meta::read(&delivery.properties, queue)
             .unwrap_or_else(|| self.adopt(queue, &delivery, now));
-        let names = self.names(queue);
-        let mut to = None;
         if delivery.redelivered {
             meta.count_lost(now);
-            to = Some(names.main);
         }
-        if meta.deliveries >= meta.max_deliveries {
+        let exhausted = meta.deliveries >= meta.max_deliveries;
+        if !(delivery.redelivered || exhausted) {
+            return Sorted::Ready(delivery, meta);
+        }
+        let names = self.names(queue);
+        let to = if exhausted {
             meta.history.push(history_line(
                 now,
                 &format!(
@@ -674,18 +676,17 @@ impl Inner {
                 ),
             ));
             meta.dead_at = Some(now.timestamp_millis());
-            to = Some(names.dead);
-        }
-        match to {
-            None => Sorted::Ready(delivery, meta),
-            Some(to) => Sorted::Return(Return {
-                acker: delivery.acker,
-                to,
-                queue: queue.to_owned(),
-                payload: delivery.data,
-                properties: meta.properties(),
-            }),
-        }
+            names.dead
+        } else {
+            names.main
+        };
+        Sorted::Return(Return {
+            acker: delivery.acker,
+            to,
+            queue: queue.to_owned(),
+            payload: delivery.data,
+            properties: meta.properties(),
+        })
     }
 
     /// Leases `ready` for `lease`.
