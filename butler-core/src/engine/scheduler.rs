@@ -435,7 +435,10 @@ impl Scheduler {
     async fn read_events(&mut self, dirty: &mut HashSet<Id>) -> Result<()> {
         // A store may make event ids visible out of order (PostgreSQL sequences across
         // concurrent transactions), so each read starts where the read two polls ago did and
-        // skips the events already seen.
+        // skips the events already seen. The log's end, read first, moves the cursor past this
+        // process's own events too, which the read leaves out: otherwise a scheduler that
+        // alone writes the log would read all it ever wrote again at every poll.
+        let end = self.store.last_event_id().await?;
         let from = self.read_from.front().copied().unwrap_or(self.cursor);
         let mut after = from;
         loop {
@@ -471,6 +474,7 @@ impl Scheduler {
                 break;
             }
         }
+        self.cursor = self.cursor.max(end);
         self.read_from.push_back(self.cursor);
         if self.read_from.len() > 2 {
             self.read_from.pop_front();
