@@ -63,6 +63,15 @@ pub const DEFAULT_TASK_QUEUE: &str = "butler.tasks";
 /// one, the next gathers, and reaches the store as soon as it is free.
 const CALLS_IN_FLIGHT: usize = 2;
 
+/// How long a group commit may wait for more changes, while the worker's slots have at least
+/// [`LINGER_WHILE_AHEAD`] of claimed attempts to run: under a steady trickle of short attempts
+/// (a result every few hundred microseconds), each result would otherwise be a commit of its
+/// own, and each commit a plan of its own. Held back then, a result delays no start: the slots
+/// are busy with the attempts claimed before, which the tasks it makes ready would queue behind.
+const LINGER: Duration = Duration::from_millis(1);
+/// See [`LINGER`]: several times the linger, with tokio's timer rounding it up to 2 ms.
+const LINGER_WHILE_AHEAD: Duration = Duration::from_millis(5);
+
 /// The role whose lease makes a scheduler the one that drives runs.
 pub const SCHEDULER_ROLE: &str = "scheduler";
 
@@ -192,8 +201,14 @@ impl Engine {
         options.instance = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let (touched_tx, touched) = mpsc::unbounded_channel();
         let commit_store = store.clone();
+        let backlog = Arc::new(worker::Backlog::new(options.slots));
+        let ahead = backlog.clone();
+        let linger = batch::Linger {
+            at_most: LINGER,
+            busy: Arc::new(move || ahead.ahead() >= LINGER_WHILE_AHEAD),
+        };
         let commits: Batcher<ChangeSet, bool> =
-            Batcher::spawn(4096, CALLS_IN_FLIGHT, move |sets| {
+            Batcher::spawn_lingering(4096, CALLS_IN_FLIGHT, Some(linger), move |sets| {
                 let store = commit_store.clone();
                 let touched_tx = touched_tx.clone();
                 async move {
@@ -213,11 +228,6 @@ impl Engine {
                     Ok(applied)
                 }
             });
-        let ack_queue = queue.clone();
-        let acks = Batcher::spawn(4096, CALLS_IN_FLIGHT, move |tags: Vec<_>| {
-            let queue = ack_queue.clone();
-            async move { metrics::queue_call("ack", queue.ack(&tags)).await }
-        });
         let (finished, _) = broadcast::channel(65_536);
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
@@ -228,9 +238,9 @@ impl Engine {
                 queue.clone(),
                 executor,
                 commits.clone(),
-                acks,
                 options.clone(),
                 stats.clone(),
+                backlog,
             ))
         });
         if options.schedule {

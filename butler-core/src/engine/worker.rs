@@ -17,7 +17,8 @@ use super::handoff::Handoff;
 use super::metrics;
 use super::plan::{QueuedTask, TaskMessage};
 use super::{
-    EngineOptions, LOST_AFTER_HEARTBEATS, Stats, VERSION, host_name, retry, worker_is_gone,
+    CALLS_IN_FLIGHT, EngineOptions, LOST_AFTER_HEARTBEATS, Stats, VERSION, host_name, retry,
+    worker_is_gone,
 };
 use crate::change::{Change, ChangeSet, LeaseChange, TaskChange, TaskExpect};
 use crate::definition::Renderer;
@@ -112,12 +113,10 @@ pub(crate) struct Worker {
     pub name: String,
     workflows: Mutex<WorkflowCache>,
     configs: Mutex<HashMap<uuid::Uuid, Arc<serde_json::Value>>>,
-    /// Mean attempt duration in microseconds, smoothed.
-    mean_micros: AtomicU64,
     /// The worker slots; a permit is held while an attempt runs.
     slots: Arc<Semaphore>,
-    /// Attempts claimed and waiting for a slot.
-    waiting: AtomicUsize,
+    /// Attempts claimed and waiting for a slot, and how long attempts take.
+    backlog: Arc<Backlog>,
     /// Wakes the taking loop when a slot frees or a waiting attempt takes one.
     moved: Notify,
 }
@@ -128,10 +127,15 @@ impl Worker {
         queue: Arc<DynQueue>,
         executor: Arc<DynExecutor>,
         commits: Batcher<ChangeSet, bool>,
-        acks: Batcher<DeliveryTag, bool>,
         options: EngineOptions,
         stats: Arc<Stats>,
+        backlog: Arc<Backlog>,
     ) -> Self {
+        let ack_queue = queue.clone();
+        let acks = Batcher::spawn(4096, CALLS_IN_FLIGHT, move |tags: Vec<_>| {
+            let queue = ack_queue.clone();
+            async move { metrics::queue_call("ack", queue.ack(&tags)).await }
+        });
         let name = format!("{BY_PREFIX}{}", options.signature());
         let slots = Arc::new(Semaphore::new(options.slots));
         Worker {
@@ -146,9 +150,8 @@ impl Worker {
             name,
             workflows: Mutex::new(HashMap::new()),
             configs: Mutex::new(HashMap::new()),
-            mean_micros: AtomicU64::new(PREFETCH_HORIZON.as_micros() as u64),
             slots,
-            waiting: AtomicUsize::new(0),
+            backlog,
             moved: Notify::new(),
         }
     }
@@ -310,7 +313,7 @@ impl Worker {
         let free = self.slots.available_permits();
         let ahead = self.options.slots * self.prefetch_per_slot();
         let target = free + ahead;
-        let waiting = self.waiting.load(Ordering::Acquire) + pending;
+        let waiting = self.backlog.waiting.load(Ordering::Acquire) + pending;
         let refill = waiting == 0 || waiting <= ahead / 2;
         (refill && target > waiting).then(|| target - waiting)
     }
@@ -319,7 +322,11 @@ impl Worker {
     /// their mean duration, none when one takes longer (a claimed attempt's lease runs while
     /// it waits for a slot, before its heartbeat starts).
     fn prefetch_per_slot(&self) -> usize {
-        let mean = self.mean_micros.load(Ordering::Relaxed).max(1);
+        let mean = match self.backlog.mean_micros.load(Ordering::Relaxed) {
+            // None has ended yet: one per slot ahead until the first does.
+            0 => PREFETCH_HORIZON.as_micros() as u64,
+            mean => mean,
+        };
         ((PREFETCH_HORIZON.as_micros() as u64 / mean) as usize).min(MAX_PREFETCH_PER_SLOT)
     }
 
@@ -331,7 +338,7 @@ impl Worker {
         } else {
             let target =
                 self.slots.available_permits() + self.options.slots * self.prefetch_per_slot();
-            target.saturating_sub(self.waiting.load(Ordering::Acquire) + self.handoff.len())
+            target.saturating_sub(self.backlog.waiting.load(Ordering::Acquire) + self.handoff.len())
         };
         let rest = tasks.split_off(room.min(tasks.len()));
         self.handoff.push(tasks);
@@ -451,7 +458,7 @@ impl Worker {
             // meanwhile; the semaphore hands slots out in the order asked. Its lease is renewed
             // from now on, however long it waits.
             let renewal = self.clone().renew(&task);
-            self.waiting.fetch_add(1, Ordering::AcqRel);
+            self.backlog.waiting.fetch_add(1, Ordering::AcqRel);
             let worker = self.clone();
             let slots = self.slots.clone();
             let shutdown = shutdown.clone();
@@ -460,7 +467,7 @@ impl Worker {
                     permit = slots.acquire_owned() => permit.ok(),
                     () = shutdown.cancelled() => None,
                 };
-                worker.waiting.fetch_sub(1, Ordering::AcqRel);
+                worker.backlog.waiting.fetch_sub(1, Ordering::AcqRel);
                 worker.moved.notify_waiters();
                 // Closed slots or a shutdown: the lease brings the task back.
                 let Some(permit) = permit else { return };
@@ -721,9 +728,41 @@ impl Worker {
 
     fn observe(&self, took: Duration) {
         let sample = took.as_micros() as u64;
-        let old = self.mean_micros.load(Ordering::Relaxed);
-        self.mean_micros
-            .store((old * 7 + sample) / 8, Ordering::Relaxed);
+        let mean = &self.backlog.mean_micros;
+        let new = match mean.load(Ordering::Relaxed) {
+            0 => sample,
+            old => (old * 7 + sample) / 8,
+        };
+        mean.store(new.max(1), Ordering::Relaxed);
+    }
+}
+
+/// The attempts a worker has claimed that wait for a slot, and how long attempts take: how
+/// much work its slots have ahead of them. Shared with the engine's group commit, which may
+/// hold a commit back for more changes while the slots are busy for longer anyway.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    waiting: AtomicUsize,
+    /// Mean attempt duration in microseconds, smoothed; 0 until an attempt has ended.
+    mean_micros: AtomicU64,
+    slots: usize,
+}
+
+impl Backlog {
+    pub fn new(slots: usize) -> Self {
+        Backlog {
+            waiting: AtomicUsize::new(0),
+            mean_micros: AtomicU64::new(0),
+            slots,
+        }
+    }
+
+    /// How long the attempts waiting for a slot keep every slot busy, at their mean duration
+    /// (zero until an attempt has ended).
+    pub fn ahead(&self) -> Duration {
+        let waiting = self.waiting.load(Ordering::Acquire) as u64;
+        let mean = self.mean_micros.load(Ordering::Relaxed);
+        Duration::from_micros(waiting * mean / self.slots.max(1) as u64)
     }
 }
 
