@@ -879,6 +879,7 @@ mod tests {
     use serde_json::json;
 
     use super::super::{Engine, EngineOptions, SCHEDULER_ROLE, worker_is_gone};
+    use super::*;
     use crate::definition::{Definition, Format};
     use crate::executor::{Attempt, CancellationToken, Executor, Finished, Outcome};
     use crate::memory::{MemoryQueue, MemoryRunStore};
@@ -1149,5 +1150,57 @@ mod tests {
             );
         }
         embedded.stop().await.expect("stops");
+    }
+
+    #[tokio::test]
+    async fn reading_the_event_log_moves_past_this_processs_own_events() {
+        let mut world = World::new().await;
+        let runs = world.launch(3).await;
+        let mut options = options(0);
+        options.instance = 7;
+        let started_at = world.store.last_event_id().await.expect("last event");
+        // This process's workers queue the first task of each run.
+        let own = format!("worker {}", options.signature());
+        let sets = world
+            .store
+            .list_tasks(&runs)
+            .await
+            .expect("tasks")
+            .into_iter()
+            .filter(|task| task.task_id == "a")
+            .map(|task| {
+                vec![Change::Task(TaskChange {
+                    expect: TaskExpect::of(&task),
+                    new: TaskInstance {
+                        state: TaskState::Queued,
+                        ..task
+                    },
+                    by: own.clone(),
+                    reason: "queued here".to_owned(),
+                })]
+            })
+            .collect();
+        let applied = world.store.apply(sets).await.expect("apply");
+        assert_eq!(applied, [true, true, true]);
+        let end = world.store.last_event_id().await.expect("last event");
+        assert!(end > started_at);
+
+        let commits = Batcher::spawn(16, 1, |sets: Vec<ChangeSet>| async move {
+            Ok(vec![false; sets.len()])
+        });
+        let (_touched_tx, touched) = mpsc::unbounded_channel();
+        let (finished, _) = broadcast::channel(16);
+        let store: Arc<DynRunStore> = world.store.clone();
+        let queue: Arc<DynQueue> = world.queue.clone();
+        let mut scheduler = Scheduler::new(store, queue, commits, touched, finished, None, options);
+        scheduler.cursor = started_at;
+        let mut dirty = HashSet::new();
+        scheduler.read_events(&mut dirty).await.expect("read");
+        assert!(dirty.is_empty(), "its own changes are not news: {dirty:?}");
+        assert_eq!(
+            scheduler.read_from.back(),
+            Some(&end),
+            "the next reads start after its own events, not again before them"
+        );
     }
 }
