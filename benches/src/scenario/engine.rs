@@ -20,7 +20,7 @@ use butler_providers::postgres::{PgQueue, PgStore};
 use butler_providers::sqlite::SqliteQueue;
 use serde_json::json;
 
-use super::{Args, median, open_store, secs};
+use super::{Args, cpu, median, open_store, secs};
 use crate::report::Figure;
 
 /// Completes every attempt at once, so only Butler's own work is measured; remembers when each
@@ -262,7 +262,21 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let runs = launch(&s, 0, count).await?;
     let took = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs, false).await?;
     let runs = launch(&s, count, count).await?;
+    let servers = local_servers(args);
+    let server_cpu = |servers: &[(&str, &str)]| -> Vec<Option<std::time::Duration>> {
+        servers
+            .iter()
+            .map(|(command, _)| cpu::processes_named(command))
+            .collect()
+    };
+    let (butler_before, servers_before) = (cpu::this_process(), server_cpu(&servers));
     let took_apart = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs, true).await?;
+    let butler_apart = cpu::this_process() - butler_before;
+    let servers_apart: Vec<_> = server_cpu(&servers)
+        .into_iter()
+        .zip(servers_before)
+        .map(|(after, before)| Some(after? - before?))
+        .collect();
     let commits = commits_per_second(&s).await?;
     let dead = s.queue.depth(DEFAULT_TASK_QUEUE).await?.dead;
     let backend = backend_name(args);
@@ -287,7 +301,7 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
         ),
         None => (commits, "single-row commits/s to the same database"),
     };
-    Ok(vec![
+    let mut figures = vec![
         Figure::new(
             "noop",
             "the same on the in-memory store and queue",
@@ -317,7 +331,48 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
             "tasks/s",
         )
         .limit(apart_limit.0, apart_limit.1),
-    ])
+    ];
+    // Where the apart run's CPU went, per task, so that a rate short of its target can be
+    // told from the cores it would need.
+    let per_task = |cpu: std::time::Duration| cpu.as_secs_f64() * 1e6 / count as f64;
+    figures.push(Figure::new(
+        "noop",
+        "apart: Butler's process CPU per task (scheduler and workers)",
+        per_task(butler_apart),
+        "us",
+    ));
+    let mut used = butler_apart;
+    for ((_, server), cpu) in servers.iter().zip(servers_apart) {
+        let Some(cpu) = cpu else { continue };
+        used += cpu;
+        figures.push(Figure::new(
+            "noop",
+            format!("apart: {server} CPU per task"),
+            per_task(cpu),
+            "us",
+        ));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    figures.push(Figure::new(
+        "noop",
+        format!("apart: share of the {cores} cores these processes used"),
+        100.0 * used.as_secs_f64() / (took_apart * cores as f64),
+        "%",
+    ));
+    Ok(figures)
+}
+
+/// The servers a scenario on `args` talks to that may run on this machine, by command name,
+/// with how figures name them.
+fn local_servers(args: &Args) -> Vec<(&'static str, &'static str)> {
+    let mut servers = Vec::new();
+    if args.db.is_some() {
+        servers.push(("postgres", "the local PostgreSQL server's"));
+    }
+    if args.queue.is_some() {
+        servers.push(("beam.smp", "the local RabbitMQ broker's"));
+    }
+    servers
 }
 
 /// The store, queue and durability a scenario ran on, for its figures.
@@ -349,7 +404,7 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
     .await?;
     let tasks = count * 3;
     // The floor: the same processes spawned directly, two at a time.
-    let cpu = process_cpu();
+    let cpu = cpu::this_process();
     let floor = two_at_a_time(tasks, |_| async {
         tokio::process::Command::new("sh")
             .args(["-c", "true"])
@@ -358,12 +413,12 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
         anyhow::Ok(())
     })
     .await?;
-    let floor_cpu = process_cpu() - cpu;
+    let floor_cpu = cpu::this_process() - cpu;
     // The executor alone: the same attempts, each with its directory, config, log and process
     // group, but no store, queue or scheduler.
     let executor = Arc::new(LocalExecutor::new());
     let home = s.home.join("executor-alone");
-    let cpu = process_cpu();
+    let cpu = cpu::this_process();
     let shared = executor.clone();
     let alone = two_at_a_time(tasks, move |n| {
         let executor = shared.clone();
@@ -384,11 +439,11 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
         }
     })
     .await?;
-    let alone_cpu = process_cpu() - cpu;
+    let alone_cpu = cpu::this_process() - cpu;
     let runs = launch(&s, 0, count).await?;
-    let cpu = process_cpu();
+    let cpu = cpu::this_process();
     let took = run_all(&s, executor, 2, &runs, false).await?;
-    let engine_cpu = process_cpu() - cpu;
+    let engine_cpu = cpu::this_process() - cpu;
     s.clean_up().await?;
     let per_task = |cpu: Duration| cpu.as_secs_f64() * 1e6 / tasks as f64;
     Ok(vec![
@@ -453,17 +508,6 @@ where
         lane.await??;
     }
     Ok(secs(begin))
-}
-
-/// The CPU time this process's threads have used, user and system; not its children's.
-fn process_cpu() -> Duration {
-    use nix::sys::resource::{UsageWho, getrusage};
-    getrusage(UsageWho::RUSAGE_SELF).map_or(Duration::ZERO, |usage| {
-        let time = |t: nix::sys::time::TimeVal| {
-            Duration::new(t.tv_sec().max(0) as u64, t.tv_usec().max(0) as u32 * 1000)
-        };
-        time(usage.user_time()) + time(usage.system_time())
-    })
 }
 
 pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {

@@ -1,6 +1,7 @@
 //! The scenarios and what they share.
 
 mod broker;
+mod cpu;
 mod engine;
 mod launch;
 mod list;
