@@ -24,6 +24,14 @@ pub struct Linger {
     pub busy: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
+impl std::fmt::Debug for Linger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linger")
+            .field("at_most", &self.at_most)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Gathers the items that callers submit while batches are in flight and hands them to the
 /// next call of the batch operation together, so one transaction (one fsync) serves them all.
 ///

@@ -47,7 +47,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use batch::Batcher;
+pub use batch::{Batcher, Linger};
 
 use crate::change::{Change, ChangeSet};
 use crate::error::{Error, Result};
@@ -203,7 +203,7 @@ impl Engine {
         let commit_store = store.clone();
         let backlog = Arc::new(worker::Backlog::new(options.slots));
         let ahead = backlog.clone();
-        let linger = batch::Linger {
+        let linger = Linger {
             at_most: LINGER,
             busy: Arc::new(move || ahead.ahead() >= LINGER_WHILE_AHEAD),
         };
