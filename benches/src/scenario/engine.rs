@@ -280,6 +280,7 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let commits = commits_per_second(&s).await?;
     let dead = s.queue.depth(DEFAULT_TASK_QUEUE).await?.dead;
     let backend = backend_name(args);
+    let broker_before = cpu::processes_named("beam.smp");
     let broker = match &s.made.amqp {
         Some(amqp) => Some(
             super::broker::messages_per_second(
@@ -291,6 +292,11 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
         ),
         None => None,
     };
+    // The broker's own cost per message in the limit's run, beside its cost per task apart.
+    let broker_per_message = broker_before
+        .zip(cpu::processes_named("beam.smp"))
+        .filter(|_| broker.is_some())
+        .map(|(before, after)| (after - before).as_secs_f64() * 1e6 / count as f64);
     s.clean_up().await?;
     let in_memory = noop_in_memory(count).await?;
     let apart_limit = match broker {
@@ -349,6 +355,14 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
             "noop",
             format!("apart: {server} CPU per task"),
             per_task(cpu),
+            "us",
+        ));
+    }
+    if let Some(micros) = broker_per_message {
+        figures.push(Figure::new(
+            "noop",
+            "the broker's limit run: the local RabbitMQ broker's CPU per message",
+            micros,
             "us",
         ));
     }
