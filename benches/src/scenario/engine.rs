@@ -275,7 +275,8 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let servers_apart: Vec<_> = server_cpu(&servers)
         .into_iter()
         .zip(servers_before)
-        .map(|(after, before)| Some(after? - before?))
+        // Less than before means a process ended meanwhile, taking its CPU time with it.
+        .map(|(after, before)| after?.checked_sub(before?))
         .collect();
     let commits = commits_per_second(&s).await?;
     let dead = s.queue.depth(DEFAULT_TASK_QUEUE).await?.dead;
@@ -296,7 +297,8 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let broker_per_message = broker_before
         .zip(cpu::processes_named("beam.smp"))
         .filter(|_| broker.is_some())
-        .map(|(before, after)| (after - before).as_secs_f64() * 1e6 / count as f64);
+        .and_then(|(before, after)| after.checked_sub(before))
+        .map(|cpu| cpu.as_secs_f64() * 1e6 / count as f64);
     s.clean_up().await?;
     let in_memory = noop_in_memory(count).await?;
     let apart_limit = match broker {
