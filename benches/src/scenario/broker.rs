@@ -9,16 +9,64 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::Notify;
 
 use super::secs;
 
+/// How the probe's queue and messages are laid out on the broker.
+#[derive(Debug, Clone, Copy)]
+pub enum Layout {
+    /// A plain durable queue and bare persistent messages: the least the broker can do.
+    Plain,
+    /// As Butler's RabbitMQ queue lays out a task: a queue with one priority level per Butler
+    /// priority, each message at priority 0 with the two headers a new message carries.
+    Butler,
+}
+
+impl Layout {
+    fn queue_arguments(self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if let Layout::Butler = self {
+            let priorities = butler_providers::amqp::AmqpQueue::PRIORITIES;
+            let levels = priorities.end() - priorities.start();
+            arguments.insert("x-max-priority".into(), AMQPValue::LongInt(levels));
+        }
+        arguments
+    }
+
+    fn properties(self, n: usize) -> BasicProperties {
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        match self {
+            Layout::Plain => persistent,
+            Layout::Butler => {
+                let middle = -butler_providers::amqp::AmqpQueue::PRIORITIES.start();
+                let mut headers = FieldTable::default();
+                let id = i64::try_from(n).unwrap_or(i64::MAX);
+                headers.insert("butler-id".into(), AMQPValue::LongLongInt(id));
+                headers.insert(
+                    "butler-enqueued-at".into(),
+                    AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
+                );
+                persistent
+                    .with_priority(u8::try_from(middle).unwrap_or(0))
+                    .with_headers(headers)
+            }
+        }
+    }
+}
+
 /// Messages per second through one durable queue of the broker at `url`, each persistent,
-/// published with a publisher confirm, consumed (prefetch 1,000) and acked: the least a durable
-/// queue asks of the broker per task. `queue` names the scratch queue, deleted afterwards.
-pub async fn messages_per_second(url: &str, queue: &str, count: usize) -> anyhow::Result<f64> {
+/// published with a publisher confirm, consumed (prefetch 1,000) and acked: with
+/// [`Layout::Plain`], the least a durable queue asks of the broker per task. `queue` names the
+/// scratch queue, deleted afterwards.
+pub async fn messages_per_second(
+    url: &str,
+    queue: &str,
+    count: usize,
+    layout: Layout,
+) -> anyhow::Result<f64> {
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let publish = connection.create_channel().await?;
     publish
@@ -31,7 +79,7 @@ pub async fn messages_per_second(url: &str, queue: &str, count: usize) -> anyhow
         ..QueueDeclareOptions::default()
     };
     publish
-        .queue_declare(queue.into(), durable, FieldTable::default())
+        .queue_declare(queue.into(), durable, layout.queue_arguments())
         .await?;
 
     let received = Arc::new(AtomicUsize::new(0));
@@ -77,7 +125,7 @@ pub async fn messages_per_second(url: &str, queue: &str, count: usize) -> anyhow
                         queue.into(),
                         BasicPublishOptions::default(),
                         payload.as_bytes(),
-                        BasicProperties::default().with_delivery_mode(2),
+                        layout.properties(n),
                     )
                     .await?,
             );

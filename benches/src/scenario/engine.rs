@@ -20,6 +20,7 @@ use butler_providers::postgres::{PgQueue, PgStore};
 use butler_providers::sqlite::SqliteQueue;
 use serde_json::json;
 
+use super::broker::{Layout, messages_per_second};
 use super::{Args, cpu, median, open_store, secs};
 use crate::report::Figure;
 
@@ -281,28 +282,19 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let commits = commits_per_second(&s).await?;
     let dead = s.queue.depth(DEFAULT_TASK_QUEUE).await?.dead;
     let backend = backend_name(args);
-    let broker_before = cpu::processes_named("beam.smp");
-    let broker = match &s.made.amqp {
-        Some(amqp) => Some(
-            super::broker::messages_per_second(
-                &amqp.config().url,
-                &format!("{}.probe", amqp.config().prefix),
-                count,
-            )
-            .await?,
+    // The broker's limit, then the same with Butler's layout, each with the broker's own cost
+    // per message, beside its cost per task apart.
+    let (broker, butler_layout) = match &s.made.amqp {
+        Some(amqp) => (
+            Some(broker_probe(amqp, count, Layout::Plain).await?),
+            Some(broker_probe(amqp, count, Layout::Butler).await?),
         ),
-        None => None,
+        None => (None, None),
     };
-    // The broker's own cost per message in the limit's run, beside its cost per task apart.
-    let broker_per_message = broker_before
-        .zip(cpu::processes_named("beam.smp"))
-        .filter(|_| broker.is_some())
-        .and_then(|(before, after)| after.checked_sub(before))
-        .map(|cpu| cpu.as_secs_f64() * 1e6 / count as f64);
     s.clean_up().await?;
     let in_memory = noop_in_memory(count).await?;
     let apart_limit = match broker {
-        Some(rate) => (
+        Some((rate, _)) => (
             rate,
             "persistent messages/s through one queue of the same broker (confirmed publish, \
              consume, ack)",
@@ -360,13 +352,29 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
             "us",
         ));
     }
-    if let Some(micros) = broker_per_message {
+    if let Some((_, Some(micros))) = broker {
         figures.push(Figure::new(
             "noop",
             "the broker's limit run: the local RabbitMQ broker's CPU per message",
             micros,
             "us",
         ));
+    }
+    if let Some((rate, micros)) = butler_layout {
+        figures.push(Figure::new(
+            "noop",
+            "the broker's limit run with Butler's layout (21 priority levels, two headers)",
+            rate,
+            "messages/s",
+        ));
+        if let Some(micros) = micros {
+            figures.push(Figure::new(
+                "noop",
+                "the same: the local RabbitMQ broker's CPU per message",
+                micros,
+                "us",
+            ));
+        }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     figures.push(Figure::new(
@@ -376,6 +384,23 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
         "%",
     ));
     Ok(figures)
+}
+
+/// The broker's messages per second through a scratch queue laid out as `layout`, and its own
+/// CPU per message when it runs on this machine.
+async fn broker_probe(
+    amqp: &AmqpQueue,
+    count: usize,
+    layout: Layout,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let before = cpu::processes_named("beam.smp");
+    let queue = format!("{}.probe", amqp.config().prefix);
+    let rate = messages_per_second(&amqp.config().url, &queue, count, layout).await?;
+    let per_message = before
+        .zip(cpu::processes_named("beam.smp"))
+        .and_then(|(before, after)| after.checked_sub(before))
+        .map(|cpu| cpu.as_secs_f64() * 1e6 / count as f64);
+    Ok((rate, per_message))
 }
 
 /// The servers a scenario on `args` talks to that may run on this machine, by command name,
