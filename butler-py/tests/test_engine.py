@@ -153,7 +153,10 @@ def test_ctrl_c_interrupts_a_wait(client: butler.Client) -> None:
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            client.wait(runs)
+            (run,) = client.wait(runs)
+            # Reached only if the run ended before the interrupt: say how it ended.
+            tasks = [(t.task_id, t.state, t.exit_code, t.error) for t in run.tasks]
+            pytest.fail(f"the wait returned a {run.status} run ({run.error}): {tasks}")
     finally:
         timer.cancel()
     assert time.monotonic() - started < 5
