@@ -21,7 +21,8 @@ pub enum Layout {
     /// A plain durable queue and bare persistent messages: the least the broker can do.
     Plain,
     /// As Butler's RabbitMQ queue lays out a task: a queue with one priority level per Butler
-    /// priority, each message at priority 0 with the two headers a new message carries.
+    /// priority, each message at Butler's priority 0 (the broker's middle level) with the two
+    /// headers a new message carries.
     Butler,
 }
 
@@ -30,8 +31,8 @@ impl Layout {
         let mut arguments = FieldTable::default();
         if let Layout::Butler = self {
             let priorities = butler_providers::amqp::AmqpQueue::PRIORITIES;
-            let levels = priorities.end() - priorities.start();
-            arguments.insert("x-max-priority".into(), AMQPValue::LongInt(levels));
+            let highest = priorities.end() - priorities.start();
+            arguments.insert("x-max-priority".into(), AMQPValue::LongInt(highest));
         }
         arguments
     }
