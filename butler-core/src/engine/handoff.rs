@@ -7,6 +7,9 @@
 //! row as it committed it, so the worker claims them without reading the store either. If the
 //! process dies, the tasks stay `queued` in the store, and the scheduler that adopts their
 //! runs sends them again, as it does for messages a queue lost.
+//!
+//! The tasks the slots would take at once, the scheduler claims for them in the commit that
+//! queues them (see [`super::worker::Worker::reserve`]), and hands over already claimed.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -14,35 +17,58 @@ use std::sync::Mutex;
 use tokio::sync::Notify;
 
 use super::plan::QueuedTask;
+use super::worker::ClaimedTask;
 
 /// The tasks handed over and not yet taken by a worker slot, oldest first.
 #[derive(Debug, Default)]
 pub(crate) struct Handoff {
-    tasks: Mutex<VecDeque<QueuedTask>>,
+    tasks: Mutex<Handed>,
     arrived: Notify,
 }
 
+/// What the scheduler handed over: tasks still to claim, and tasks it claimed.
+#[derive(Debug, Default)]
+struct Handed {
+    queued: VecDeque<QueuedTask>,
+    claimed: Vec<ClaimedTask>,
+}
+
 impl Handoff {
-    /// Hands `tasks` to the worker.
+    /// Hands `tasks` to the worker, to claim.
     pub fn push(&self, tasks: impl IntoIterator<Item = QueuedTask>) {
-        let mut queue = self.lock();
-        let before = queue.len();
-        queue.extend(tasks);
-        if queue.len() > before {
+        let mut handed = self.lock();
+        let before = handed.queued.len();
+        handed.queued.extend(tasks);
+        if handed.queued.len() > before {
             self.arrived.notify_one();
         }
     }
 
-    /// Takes up to `at_most` tasks, oldest first.
-    pub fn take(&self, at_most: usize) -> Vec<QueuedTask> {
-        let mut queue = self.lock();
-        let n = at_most.min(queue.len());
-        queue.drain(..n).collect()
+    /// Hands `tasks`, claimed for the worker, to the worker, to start.
+    pub fn push_claimed(&self, tasks: Vec<ClaimedTask>) {
+        if tasks.is_empty() {
+            return;
+        }
+        self.lock().claimed.extend(tasks);
+        self.arrived.notify_one();
     }
 
-    /// Tasks handed over and not yet taken.
+    /// Takes up to `at_most` tasks to claim, oldest first.
+    pub fn take(&self, at_most: usize) -> Vec<QueuedTask> {
+        let mut handed = self.lock();
+        let n = at_most.min(handed.queued.len());
+        handed.queued.drain(..n).collect()
+    }
+
+    /// Takes every claimed task.
+    pub fn take_claimed(&self) -> Vec<ClaimedTask> {
+        std::mem::take(&mut self.lock().claimed)
+    }
+
+    /// Tasks handed over and not yet taken, claimed or not.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        let handed = self.lock();
+        handed.queued.len() + handed.claimed.len()
     }
 
     /// Resolves once tasks have arrived since the last time it resolved (at once if they
@@ -51,7 +77,7 @@ impl Handoff {
         self.arrived.notified().await;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<QueuedTask>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Handed> {
         self.tasks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -179,6 +205,40 @@ mod tests {
             0,
             "no message is sent when the process's own slots take every task"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_the_slots_can_take_at_once_is_queued_and_started_in_one_commit() {
+        let store = Arc::new(MemoryRunStore::new());
+        let chain = "[[tasks]]\nid = \"a\"\nrun = \"x\"\n\
+                     [[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"x\"\n\
+                     [[tasks]]\nid = \"c\"\nneeds = [\"b\"]\nrun = \"x\"\n";
+        let ids = launch_runs(store.clone(), chain, 2).await;
+        let mut options = EngineOptions::new(std::env::temp_dir(), 2);
+        options.poll = Duration::from_millis(20);
+        let queue = Arc::new(Counting::default());
+        let mut engine = Engine::start(store.clone(), queue.clone(), Arc::new(Brief), options);
+        let done = tokio::time::timeout(Duration::from_secs(30), engine.wait_for(&ids, |_| {}))
+            .await
+            .expect("the runs finish in time")
+            .expect("the engine runs");
+        engine.stop().await.expect("stops");
+        assert!(
+            done.iter().all(|r| r.status == RunStatus::Completed),
+            "{done:?}"
+        );
+        // Two runs never fill two slots and their look-ahead, so each task, first or next in
+        // its chain, was claimed by the commit that queued it: it started when it was queued.
+        for task in store.list_tasks(&ids).await.expect("tasks") {
+            assert_eq!(
+                (task.state, task.started_at),
+                (TaskState::Succeeded, task.queued_at),
+                "run {} task {}: started in the commit that queued it",
+                task.run_id,
+                task.task_id
+            );
+        }
+        assert_eq!(queue.enqueued.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

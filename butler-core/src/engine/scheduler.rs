@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::batch::Batcher;
 use super::metrics;
 use super::plan::{Plan, QueuedTask, TaskMessage, plan_run, run_deadline};
-use super::worker::Worker;
+use super::worker::{ClaimedTask, Worker};
 use super::{EngineOptions, RunFinished, SCHEDULER_ROLE, python_queue, retry, worker_is_gone};
 use crate::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
 use crate::error::Result;
@@ -520,28 +520,16 @@ impl Scheduler {
     /// Moves ready runs to `scheduled`, within `max_active_runs` of each workflow and the
     /// scheduler's own limit, each in one commit with its first plan.
     async fn claim_ready(&mut self) -> Result<()> {
-        let mut after_id = None;
-        loop {
-            let room = self
-                .options
-                .max_active_runs
-                .saturating_sub(self.active.len());
+        if self.room_for_runs() == 0 {
+            return Ok(());
+        }
+        let mut next = self.ready_page(None).await?;
+        while let Some((page, mut tasks)) = next.take() {
+            let room = self.room_for_runs();
             if room == 0 {
                 return Ok(());
             }
-            let page = self
-                .store
-                .list_runs(&RunFilter {
-                    status: Some(RunStatus::Ready),
-                    after_id,
-                    limit: Some(CLAIM_PAGE as u32),
-                    ..RunFilter::default()
-                })
-                .await?;
-            let Some(last) = page.last() else {
-                return Ok(());
-            };
-            after_id = Some(last.id);
+            let after_id = page.last().map(|run| run.id);
             let full = page.len() == CLAIM_PAGE;
             let mut claimed = Vec::new();
             let mut planned: HashMap<Id, usize> = HashMap::new();
@@ -569,12 +557,21 @@ impl Scheduler {
                 *planned.entry(run.workflow_id).or_default() += 1;
                 claimed.push(run);
             }
-            let ids: Vec<Id> = claimed.iter().map(|run| run.id).collect();
-            let mut tasks = self.read_tasks(&ids).await?;
             let now = Utc::now();
-            let mut sets = Vec::with_capacity(claimed.len());
             let mut plans = Vec::with_capacity(claimed.len());
             for run in &claimed {
+                let scheduled = AnalysisRun {
+                    status: RunStatus::Scheduled,
+                    ..run.clone()
+                };
+                let definition = &self.workflows[&run.workflow_id].definition;
+                let run_tasks = tasks.remove(&run.id).unwrap_or_default();
+                let plan = plan_run(definition, &scheduled, &run_tasks, now, &self.name);
+                plans.push((plan, run_tasks));
+            }
+            let (reserved, claims) = self.claim_for_slots(plans.iter_mut().map(|(p, _)| p), now);
+            let mut sets = Vec::with_capacity(claimed.len());
+            for (run, (plan, _)) in claimed.iter().zip(&plans) {
                 let mut set = vec![Change::Run(RunChange {
                     run_id: run.id,
                     expect: RunStatus::Ready,
@@ -585,18 +582,21 @@ impl Scheduler {
                     by: self.name.clone(),
                     reason: "taken by the scheduler".to_owned(),
                 })];
-                let scheduled = AnalysisRun {
-                    status: RunStatus::Scheduled,
-                    ..run.clone()
-                };
-                let definition = &self.workflows[&run.workflow_id].definition;
-                let run_tasks = tasks.remove(&run.id).unwrap_or_default();
-                let plan = plan_run(definition, &scheduled, &run_tasks, now, &self.name);
                 set.extend(plan.changes.iter().cloned());
                 sets.push(set);
-                plans.push((plan, run_tasks));
             }
-            let applied = self.commits.submit(sets).await?;
+            // The next page is read while this one commits.
+            let read_next = async {
+                if full && claimed.len() < room {
+                    self.ready_page(after_id).await
+                } else {
+                    Ok(None)
+                }
+            };
+            let (applied, upcoming) =
+                tokio::join!(self.commit_claiming(sets, reserved, claims), read_next);
+            let applied = applied?;
+            next = upcoming?;
             for ((mut run, (plan, run_tasks)), ok) in claimed.into_iter().zip(plans).zip(applied) {
                 if !ok {
                     // Taken by another scheduler, or changed meanwhile: seen at the next poll.
@@ -609,10 +609,38 @@ impl Scheduler {
             }
             // The workers start on this page while the next is claimed.
             self.send_unsent().await;
-            if !full {
-                return Ok(());
-            }
         }
+        Ok(())
+    }
+
+    /// How many more runs the scheduler may take.
+    fn room_for_runs(&self) -> usize {
+        self.options
+            .max_active_runs
+            .saturating_sub(self.active.len())
+    }
+
+    /// The next page of ready runs after run `after_id`, with their tasks as stored; `None`
+    /// when there are none.
+    async fn ready_page(
+        &self,
+        after_id: Option<Id>,
+    ) -> Result<Option<(Vec<AnalysisRun>, HashMap<Id, Vec<TaskInstance>>)>> {
+        let page = self
+            .store
+            .list_runs(&RunFilter {
+                status: Some(RunStatus::Ready),
+                after_id,
+                limit: Some(CLAIM_PAGE as u32),
+                ..RunFilter::default()
+            })
+            .await?;
+        if page.is_empty() {
+            return Ok(None);
+        }
+        let ids: Vec<Id> = page.iter().map(|run| run.id).collect();
+        let tasks = self.read_tasks(&ids).await?;
+        Ok(Some((page, tasks)))
     }
 
     /// Puts back the tasks whose worker stopped renewing its lease, or died on this host.
@@ -713,11 +741,31 @@ impl Scheduler {
                 self.learn(id, run_tasks);
             } else {
                 let timed_out = run_deadline(&workflow.definition, run).is_some_and(|d| d <= now);
-                sets.push(plan.changes.clone());
+                // Its set is made once the slots' claims are in the plan.
+                sets.push(Vec::new());
                 plans.push((id, Step::Plan(plan, run_tasks, timed_out)));
             }
         }
-        let applied = self.commits.submit(sets).await?;
+        let to_claim = plans.iter_mut().filter_map(|(_, step)| match step {
+            Step::Plan(plan, ..) => Some(plan),
+            Step::Orphan(_) => None,
+        });
+        let (reserved, mut claims) = self.claim_for_slots(to_claim, now);
+        for ((_, step), set) in plans.iter().zip(sets.iter_mut()) {
+            if let Step::Plan(plan, ..) = step {
+                *set = plan.changes.clone();
+            }
+        }
+        // One entry per set, each plan's claims in its place.
+        let mut plan_claims = claims.drain(..);
+        let claims: Vec<Vec<ClaimedTask>> = plans
+            .iter()
+            .map(|(_, step)| match step {
+                Step::Plan(..) => plan_claims.next().unwrap_or_default(),
+                Step::Orphan(_) => Vec::new(),
+            })
+            .collect();
+        let applied = self.commit_claiming(sets, reserved, claims).await?;
         let mut again = HashSet::new();
         for ((id, step), ok) in plans.into_iter().zip(applied) {
             let (plan, run_tasks, timed_out) = match step {
@@ -765,6 +813,79 @@ impl Scheduler {
             metrics::run_finished(status, timed_out);
             let _ = self.finished.send(RunFinished { run_id: id, status });
         }
+    }
+
+    /// Claims for this process's slots, in the plans that queue them, the tasks the slots would
+    /// take now (see [`Worker::reserve`]): such a task is queued and claimed in one commit, its
+    /// row written once, and it starts without a commit of its own. Answers the room reserved
+    /// and each plan's claims, in order, for [`Scheduler::commit_claiming`].
+    fn claim_for_slots<'p>(
+        &self,
+        plans: impl Iterator<Item = &'p mut Plan>,
+        now: DateTime<Utc>,
+    ) -> (usize, Vec<Vec<ClaimedTask>>) {
+        let mut plans: Vec<&mut Plan> = plans.collect();
+        let mut claims: Vec<Vec<ClaimedTask>> = plans.iter().map(|_| Vec::new()).collect();
+        let Some(local) = &self.local else {
+            return (0, claims);
+        };
+        // A retry's backoff is the queue's delay, and Python tasks go to their own workers.
+        let startable = |m: &QueuedTask| m.message.delay.is_zero() && !m.message.python;
+        let wanted = plans
+            .iter()
+            .map(|p| p.enqueue.iter().filter(|m| startable(m)).count())
+            .sum();
+        if wanted == 0 {
+            return (0, claims);
+        }
+        let reserved = local.reserve(wanted);
+        let mut left = reserved;
+        for (plan, claims) in plans.iter_mut().zip(&mut claims) {
+            if left == 0 {
+                break;
+            }
+            let mut rest = Vec::with_capacity(plan.enqueue.len());
+            for queued in std::mem::take(&mut plan.enqueue) {
+                let claim = (left > 0 && startable(&queued))
+                    .then(|| local.claim(&queued.message, &queued.row, now))
+                    .flatten();
+                match claim {
+                    Some((change, claimed)) => {
+                        left -= 1;
+                        plan.changes.push(change);
+                        claims.push(claimed);
+                    }
+                    None => rest.push(queued),
+                }
+            }
+            plan.enqueue = rest;
+        }
+        (reserved, claims)
+    }
+
+    /// Commits `sets`, the claims of each made by [`Scheduler::claim_for_slots`] under
+    /// `reserved`, and hands the claims of the sets that applied to the slots.
+    async fn commit_claiming(
+        &self,
+        sets: Vec<ChangeSet>,
+        reserved: usize,
+        claims: Vec<Vec<ClaimedTask>>,
+    ) -> Result<Vec<bool>> {
+        let applied = self.commits.submit(sets).await;
+        let Some(local) = &self.local else {
+            return applied;
+        };
+        let won = match &applied {
+            Ok(applied) => claims
+                .into_iter()
+                .zip(applied)
+                .filter(|(_, ok)| **ok)
+                .flat_map(|(claims, _)| claims)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        local.settle(reserved, won);
+        applied
     }
 
     /// The tasks of runs `ids` as stored, by run, read in pages.

@@ -76,6 +76,15 @@ const CONFIG_CACHE: usize = 4096;
 /// Prefetch aims to keep one batch of attempts under this long.
 const PREFETCH_HORIZON: Duration = Duration::from_millis(20);
 
+/// A task claimed for this worker and committed, waiting to be started: the task as claimed,
+/// its run's workflow and effective config.
+#[derive(Debug)]
+pub(crate) struct ClaimedTask {
+    task: TaskInstance,
+    workflow: Id,
+    config: uuid::Uuid,
+}
+
 /// An attempt this worker won, with what it needs to run it.
 struct Claimed {
     task: TaskInstance,
@@ -119,6 +128,9 @@ pub(crate) struct Worker {
     backlog: Arc<Backlog>,
     /// Wakes the taking loop when a slot frees or a waiting attempt takes one.
     moved: Notify,
+    /// Room the scheduler of this process took ([`Worker::reserve`]) for claims it is
+    /// committing.
+    reserved: AtomicUsize,
 }
 
 impl Worker {
@@ -153,6 +165,7 @@ impl Worker {
             slots,
             backlog,
             moved: Notify::new(),
+            reserved: AtomicUsize::new(0),
         }
     }
 
@@ -274,6 +287,22 @@ impl Worker {
     pub async fn run_handed(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
         loop {
             let moved = self.moved.notified();
+            let claimed = self.handoff.take_claimed();
+            if !claimed.is_empty() {
+                if let Err((err, claimed)) = self.clone().launch(claimed, &shutdown).await {
+                    if !err.is_retryable() {
+                        return Err(err);
+                    }
+                    // Their leases bring the tasks back if the store stays away.
+                    warn!(error = %err, "store unavailable; retrying in 1 s");
+                    self.handoff.push_claimed(claimed);
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                continue;
+            }
             if self.handoff.len() == 0 {
                 tokio::select! {
                     () = self.handoff.arrived() => {}
@@ -284,6 +313,8 @@ impl Worker {
             let Some(want) = self.want(0) else {
                 tokio::select! {
                     () = moved => {}
+                    // Claimed tasks start whatever the room.
+                    () = self.handoff.arrived() => {}
                     () = shutdown.cancelled() => return Ok(()),
                 }
                 continue;
@@ -306,14 +337,17 @@ impl Worker {
 
     /// How many attempts to take now, if any, with `pending` more already on their way: enough
     /// for the free slots and, while attempts are short, for [`PREFETCH_HORIZON`] of work per
-    /// slot beyond them, less those already claimed and waiting for a slot. Taking the next ones
-    /// while the last ones run keeps the slots busy across the queue's and the store's round
-    /// trips; waiting until half the backlog has started keeps those takes few and large.
+    /// slot beyond them, less those claimed and waiting for a slot or reserved by the scheduler
+    /// ([`Worker::reserve`]). Taking the next ones while the last ones run keeps the slots busy
+    /// across the queue's and the store's round trips; waiting until half the backlog has
+    /// started keeps those takes few and large.
     fn want(&self, pending: usize) -> Option<usize> {
         let free = self.slots.available_permits();
         let ahead = self.options.slots * self.prefetch_per_slot();
         let target = free + ahead;
-        let waiting = self.backlog.waiting.load(Ordering::Acquire) + pending;
+        let waiting = self.backlog.waiting.load(Ordering::Acquire)
+            + self.reserved.load(Ordering::Acquire)
+            + pending;
         let refill = waiting == 0 || waiting <= ahead / 2;
         (refill && target > waiting).then(|| target - waiting)
     }
@@ -333,16 +367,75 @@ impl Worker {
     /// Takes over the tasks this process's slots would take from the queue now, or all of them
     /// when no other worker takes from the queue (`alone`); gives back the rest, for the queue.
     pub fn hand_over(&self, mut tasks: Vec<QueuedTask>, alone: bool) -> Vec<QueuedTask> {
-        let room = if alone {
-            tasks.len()
-        } else {
-            let target =
-                self.slots.available_permits() + self.options.slots * self.prefetch_per_slot();
-            target.saturating_sub(self.backlog.waiting.load(Ordering::Acquire) + self.handoff.len())
-        };
+        let room = if alone { tasks.len() } else { self.room() };
         let rest = tasks.split_off(room.min(tasks.len()));
         self.handoff.push(tasks);
         rest
+    }
+
+    /// Attempts the slots would take now beyond those claimed, handed over or reserved: the
+    /// free slots, and the attempts to claim ahead of them.
+    fn room(&self) -> usize {
+        let target = self.slots.available_permits() + self.options.slots * self.prefetch_per_slot();
+        target.saturating_sub(
+            self.backlog.waiting.load(Ordering::Acquire)
+                + self.reserved.load(Ordering::Acquire)
+                + self.handoff.len(),
+        )
+    }
+
+    /// Reserves room for up to `wanted` of the tasks the scheduler is about to queue, for it
+    /// to claim them for these slots in the same commit ([`Worker::claim`]); answers how many
+    /// it may claim. [`Worker::settle`] gives the reservation back.
+    pub fn reserve(&self, wanted: usize) -> usize {
+        let granted = self.room().min(wanted);
+        self.reserved.fetch_add(granted, Ordering::AcqRel);
+        granted
+    }
+
+    /// Ends a reservation of `reserved`, handing over `won`, the tasks claimed under it whose
+    /// commit succeeded, to start.
+    pub fn settle(&self, reserved: usize, won: Vec<ClaimedTask>) {
+        self.handoff.push_claimed(won);
+        self.reserved.fetch_sub(reserved, Ordering::AcqRel);
+    }
+
+    /// The change that claims `task` for this worker at `now`, signed by it, if the task is
+    /// still queued at `message`'s try; with the task as claimed, to start once committed.
+    pub fn claim(
+        &self,
+        message: &TaskMessage,
+        task: &TaskInstance,
+        now: chrono::DateTime<Utc>,
+    ) -> Option<(Change, ClaimedTask)> {
+        if task.state != TaskState::Queued || task.try_number != message.try_number {
+            // The task moved on (a duplicate message, a cancelled run): nothing to do.
+            return None;
+        }
+        let new = TaskInstance {
+            state: TaskState::Running,
+            token: Some(new_token()),
+            lease_until: Some(now + self.options.lease),
+            worker: Some(self.options.name.clone()),
+            first_started_at: task.first_started_at.or(Some(now)),
+            started_at: Some(now),
+            ended_at: None,
+            exit_code: None,
+            error: None,
+            ..task.clone()
+        };
+        let change = Change::Task(TaskChange {
+            expect: TaskExpect::of(task),
+            new: new.clone(),
+            by: self.name.clone(),
+            reason: format!("attempt {} started", new.try_number),
+        });
+        let claimed = ClaimedTask {
+            task: new,
+            workflow: message.workflow,
+            config: message.config,
+        };
+        Some((change, claimed))
     }
 
     /// Claims the attempts the queue delivered, with the tasks as stored.
@@ -407,35 +500,15 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let now = Utc::now();
-        let lease_until = now + self.options.lease;
         let mut claims = Vec::new();
         let mut sets = Vec::new();
         let mut tags = Vec::new();
         for (message, task, tag) in found {
             tags.extend(tag);
-            if task.state != TaskState::Queued || task.try_number != message.try_number {
-                // The task moved on (a duplicate message, a cancelled run): nothing to do.
-                continue;
+            if let Some((change, claimed)) = self.claim(&message, &task, now) {
+                sets.push(vec![change]);
+                claims.push(claimed);
             }
-            let new = TaskInstance {
-                state: TaskState::Running,
-                token: Some(new_token()),
-                lease_until: Some(lease_until),
-                worker: Some(self.options.name.clone()),
-                first_started_at: task.first_started_at.or(Some(now)),
-                started_at: Some(now),
-                ended_at: None,
-                exit_code: None,
-                error: None,
-                ..task.clone()
-            };
-            sets.push(vec![Change::Task(TaskChange {
-                expect: TaskExpect::of(&task),
-                new: new.clone(),
-                by: self.name.clone(),
-                reason: format!("attempt {} started", new.try_number),
-            })]);
-            claims.push((new, message.workflow, message.config));
         }
         let won = self.commits.submit(sets).await?;
         if !tags.is_empty() {
@@ -448,12 +521,34 @@ impl Worker {
                 }
             });
         }
-        self.prefetch_configs(claims.iter().map(|(_, _, config)| *config))
-            .await?;
-        for ((task, workflow, config), ok) in claims.into_iter().zip(won) {
-            if !ok {
-                continue;
-            }
+        let won = claims
+            .into_iter()
+            .zip(won)
+            .filter_map(|(claimed, ok)| ok.then_some(claimed))
+            .collect();
+        self.launch(won, shutdown).await.map_err(|(err, _)| err)
+    }
+
+    /// Starts the attempts of tasks claimed and committed for this worker: each waits for its
+    /// slot on its own, its lease renewed from now on. Gives the tasks back with the error if
+    /// their configs cannot be read.
+    async fn launch(
+        self: Arc<Self>,
+        claimed: Vec<ClaimedTask>,
+        shutdown: &CancellationToken,
+    ) -> std::result::Result<(), (Error, Vec<ClaimedTask>)> {
+        if let Err(err) = self
+            .prefetch_configs(claimed.iter().map(|c| c.config))
+            .await
+        {
+            return Err((err, claimed));
+        }
+        for ClaimedTask {
+            task,
+            workflow,
+            config,
+        } in claimed
+        {
             // The attempt waits for its slot on its own, so that the next attempts are taken
             // meanwhile; the semaphore hands slots out in the order asked. Its lease is renewed
             // from now on, however long it waits.
