@@ -289,13 +289,18 @@ impl Worker {
             let moved = self.moved.notified();
             let claimed = self.handoff.take_claimed();
             if !claimed.is_empty() {
-                if let Err((err, claimed)) = self.clone().launch(claimed, &shutdown).await {
+                let count = claimed.len();
+                if let Err(err) = self.clone().launch(claimed, &shutdown).await {
                     if !err.is_retryable() {
                         return Err(err);
                     }
-                    // Their leases bring the tasks back if the store stays away.
-                    warn!(error = %err, "store unavailable; retrying in 1 s");
-                    self.handoff.push_claimed(claimed);
+                    // Not started later: by then their leases may have ended and the tasks
+                    // gone to another worker. The leases bring them back.
+                    warn!(
+                        error = %err,
+                        tasks = count,
+                        "store unavailable; claimed tasks go back when their leases end"
+                    );
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         () = shutdown.cancelled() => return Ok(()),
@@ -526,23 +531,19 @@ impl Worker {
             .zip(won)
             .filter_map(|(claimed, ok)| ok.then_some(claimed))
             .collect();
-        self.launch(won, shutdown).await.map_err(|(err, _)| err)
+        self.launch(won, shutdown).await
     }
 
     /// Starts the attempts of tasks claimed and committed for this worker: each waits for its
-    /// slot on its own, its lease renewed from now on. Gives the tasks back with the error if
-    /// their configs cannot be read.
+    /// slot on its own, its lease renewed from now on. Fails, starting none, if their configs
+    /// cannot be read.
     async fn launch(
         self: Arc<Self>,
         claimed: Vec<ClaimedTask>,
         shutdown: &CancellationToken,
-    ) -> std::result::Result<(), (Error, Vec<ClaimedTask>)> {
-        if let Err(err) = self
-            .prefetch_configs(claimed.iter().map(|c| c.config))
-            .await
-        {
-            return Err((err, claimed));
-        }
+    ) -> Result<()> {
+        self.prefetch_configs(claimed.iter().map(|c| c.config))
+            .await?;
         for ClaimedTask {
             task,
             workflow,
