@@ -96,7 +96,7 @@ mod tests {
     use super::super::{DEFAULT_TASK_QUEUE, Engine, EngineOptions, VERSION};
     use crate::executor::{Attempt, CancellationToken, Executor, Finished, Outcome};
     use crate::memory::{MemoryQueue, MemoryRunStore};
-    use crate::model::{RunStatus, TaskState, WorkerInfo};
+    use crate::model::{RunStatus, TaskInstance, TaskState, WorkerInfo};
     use crate::queue::{DeadLetter, Delivery, DeliveryTag, NewMessage, Queue, QueueDepth};
     use crate::store::RunStore;
     use crate::testing::launch::launch_runs;
@@ -156,23 +156,24 @@ mod tests {
         }
     }
 
-    /// Runs `runs` two-task runs to completion in one engine with 2 slots on `queue`, with
-    /// `other_worker` listed in the store first; every task ran exactly once.
+    /// A chain of two tasks.
+    const TWO_TASKS: &str =
+        "[[tasks]]\nid = \"a\"\nrun = \"x\"\n[[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"x\"\n";
+
+    /// Runs `runs` runs of `definition` to completion in one engine with 2 slots on `queue`,
+    /// with `other_worker` listed in the store first; every task ran exactly once. Answers the
+    /// tasks.
     async fn run_in_one_process(
         queue: Arc<Counting>,
+        definition: &str,
         runs: usize,
         other_worker: Option<WorkerInfo>,
-    ) {
+    ) -> Vec<TaskInstance> {
         let store = Arc::new(MemoryRunStore::new());
         if let Some(other) = &other_worker {
             store.heartbeat_worker(other).await.expect("heartbeat");
         }
-        let ids = launch_runs(
-            store.clone(),
-            "[[tasks]]\nid = \"a\"\nrun = \"x\"\n[[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"x\"\n",
-            runs,
-        )
-        .await;
+        let ids = launch_runs(store.clone(), definition, runs).await;
         let mut options = EngineOptions::new(std::env::temp_dir(), 2);
         options.poll = Duration::from_millis(20);
         let mut engine = Engine::start(store.clone(), queue, Arc::new(Brief), options);
@@ -185,7 +186,8 @@ mod tests {
             done.iter().all(|r| r.status == RunStatus::Completed),
             "{done:?}"
         );
-        for task in store.list_tasks(&ids).await.expect("tasks") {
+        let tasks = store.list_tasks(&ids).await.expect("tasks");
+        for task in &tasks {
             assert_eq!(
                 (task.state, task.try_number),
                 (TaskState::Succeeded, 1),
@@ -194,12 +196,13 @@ mod tests {
                 task.task_id
             );
         }
+        tasks
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn alone_a_process_runs_its_tasks_without_the_queue() {
         let queue = Arc::new(Counting::default());
-        run_in_one_process(queue.clone(), 40, None).await;
+        run_in_one_process(queue.clone(), TWO_TASKS, 40, None).await;
         assert_eq!(
             queue.enqueued.load(Ordering::SeqCst),
             0,
@@ -209,33 +212,17 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_task_the_slots_can_take_at_once_is_queued_and_started_in_one_commit() {
-        let store = Arc::new(MemoryRunStore::new());
         let chain = "[[tasks]]\nid = \"a\"\nrun = \"x\"\n\
                      [[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"x\"\n\
                      [[tasks]]\nid = \"c\"\nneeds = [\"b\"]\nrun = \"x\"\n";
-        let ids = launch_runs(store.clone(), chain, 2).await;
-        let mut options = EngineOptions::new(std::env::temp_dir(), 2);
-        options.poll = Duration::from_millis(20);
         let queue = Arc::new(Counting::default());
-        let mut engine = Engine::start(store.clone(), queue.clone(), Arc::new(Brief), options);
-        let done = tokio::time::timeout(Duration::from_secs(30), engine.wait_for(&ids, |_| {}))
-            .await
-            .expect("the runs finish in time")
-            .expect("the engine runs");
-        engine.stop().await.expect("stops");
-        assert!(
-            done.iter().all(|r| r.status == RunStatus::Completed),
-            "{done:?}"
-        );
         // Two runs never fill two slots and their look-ahead, so each task, first or next in
         // its chain, was claimed by the commit that queued it: it started when it was queued.
-        for task in store.list_tasks(&ids).await.expect("tasks") {
+        for task in run_in_one_process(queue.clone(), chain, 2, None).await {
             assert_eq!(
-                (task.state, task.started_at),
-                (TaskState::Succeeded, task.queued_at),
+                task.started_at, task.queued_at,
                 "run {} task {}: started in the commit that queued it",
-                task.run_id,
-                task.task_id
+                task.run_id, task.task_id
             );
         }
         assert_eq!(queue.enqueued.load(Ordering::SeqCst), 0);
@@ -258,7 +245,7 @@ mod tests {
             started_at: now,
             heartbeat_at: now + chrono::Duration::hours(1),
         };
-        run_in_one_process(queue.clone(), 40, Some(other)).await;
+        run_in_one_process(queue.clone(), TWO_TASKS, 40, Some(other)).await;
         let enqueued = queue.enqueued.load(Ordering::SeqCst);
         assert!(
             enqueued > 0 && enqueued < 80,
