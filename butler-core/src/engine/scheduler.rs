@@ -38,8 +38,9 @@ const KNOWN_RUNS: usize = 20_000;
 
 /// What one change set of [`Scheduler::advance`] does.
 enum Step {
-    /// Takes back an attempt whose worker process is gone; whether its task is retried.
-    Orphan(bool),
+    /// Takes back an attempt whose worker process is gone, with this set; whether its task is
+    /// retried.
+    Orphan(ChangeSet, bool),
     /// Carries a run's plan, made from these tasks; whether the run was past its deadline when
     /// planned.
     Plan(Plan, Vec<TaskInstance>, bool),
@@ -569,7 +570,8 @@ impl Scheduler {
                 let plan = plan_run(definition, &scheduled, &run_tasks, now, &self.name);
                 plans.push((plan, run_tasks));
             }
-            let (reserved, claims) = self.claim_for_slots(plans.iter_mut().map(|(p, _)| p), now);
+            let to_claim = plans.iter_mut().map(|(plan, _)| Some(plan));
+            let (reserved, claims) = self.claim_for_slots(to_claim, now);
             let mut sets = Vec::with_capacity(claimed.len());
             for (run, (plan, _)) in claimed.iter().zip(&plans) {
                 let mut set = vec![Change::Run(RunChange {
@@ -706,7 +708,6 @@ impl Scheduler {
             }
         }
         let mut plans = Vec::new();
-        let mut sets = Vec::new();
         for id in ids {
             let run = &self.active[&id];
             let run_tasks = tasks.remove(&id).unwrap_or_default();
@@ -730,8 +731,8 @@ impl Scheduler {
             if !orphans.is_empty() {
                 // One entry per set, so that each set's answer lines up with its entry.
                 for orphan in orphans {
-                    plans.push((id, Step::Orphan(retries(&orphan))));
-                    sets.push(orphan);
+                    let retried = retries(&orphan);
+                    plans.push((id, Step::Orphan(orphan, retried)));
                 }
                 continue;
             }
@@ -741,28 +742,19 @@ impl Scheduler {
                 self.learn(id, run_tasks);
             } else {
                 let timed_out = run_deadline(&workflow.definition, run).is_some_and(|d| d <= now);
-                // Its set is made once the slots' claims are in the plan.
-                sets.push(Vec::new());
                 plans.push((id, Step::Plan(plan, run_tasks, timed_out)));
             }
         }
-        let to_claim = plans.iter_mut().filter_map(|(_, step)| match step {
+        let to_claim = plans.iter_mut().map(|(_, step)| match step {
             Step::Plan(plan, ..) => Some(plan),
-            Step::Orphan(_) => None,
+            Step::Orphan(..) => None,
         });
-        let (reserved, mut claims) = self.claim_for_slots(to_claim, now);
-        for ((_, step), set) in plans.iter().zip(sets.iter_mut()) {
-            if let Step::Plan(plan, ..) = step {
-                *set = plan.changes.clone();
-            }
-        }
-        // One entry per set, each plan's claims in its place.
-        let mut plan_claims = claims.drain(..);
-        let claims: Vec<Vec<ClaimedTask>> = plans
+        let (reserved, claims) = self.claim_for_slots(to_claim, now);
+        let sets = plans
             .iter()
             .map(|(_, step)| match step {
-                Step::Plan(..) => plan_claims.next().unwrap_or_default(),
-                Step::Orphan(_) => Vec::new(),
+                Step::Plan(plan, ..) => plan.changes.clone(),
+                Step::Orphan(set, _) => set.clone(),
             })
             .collect();
         let applied = self.commit_claiming(sets, reserved, claims).await?;
@@ -770,7 +762,7 @@ impl Scheduler {
         for ((id, step), ok) in plans.into_iter().zip(applied) {
             let (plan, run_tasks, timed_out) = match step {
                 Step::Plan(plan, run_tasks, timed_out) => (plan, run_tasks, timed_out),
-                Step::Orphan(retried) => {
+                Step::Orphan(_, retried) => {
                     if ok {
                         metrics::attempt_ended("lost", None, retried);
                     }
@@ -817,14 +809,15 @@ impl Scheduler {
 
     /// Claims for this process's slots, in the plans that queue them, the tasks the slots would
     /// take now (see [`Worker::reserve`]): such a task is queued and claimed in one commit, its
-    /// row written once, and it starts without a commit of its own. Answers the room reserved
-    /// and each plan's claims, in order, for [`Scheduler::commit_claiming`].
+    /// row written once, and it starts without a commit of its own. `plans` has one entry per
+    /// set to commit, `None` for a set that is no plan. Answers the room reserved and each
+    /// set's claims, in order, for [`Scheduler::commit_claiming`].
     fn claim_for_slots<'p>(
         &self,
-        plans: impl Iterator<Item = &'p mut Plan>,
+        plans: impl Iterator<Item = Option<&'p mut Plan>>,
         now: DateTime<Utc>,
     ) -> (usize, Vec<Vec<ClaimedTask>>) {
-        let mut plans: Vec<&mut Plan> = plans.collect();
+        let mut plans: Vec<Option<&mut Plan>> = plans.collect();
         let mut claims: Vec<Vec<ClaimedTask>> = plans.iter().map(|_| Vec::new()).collect();
         let Some(local) = &self.local else {
             return (0, claims);
@@ -833,6 +826,7 @@ impl Scheduler {
         let startable = |m: &QueuedTask| m.message.delay.is_zero() && !m.message.python;
         let wanted = plans
             .iter()
+            .flatten()
             .map(|p| p.enqueue.iter().filter(|m| startable(m)).count())
             .sum();
         if wanted == 0 {
@@ -841,6 +835,7 @@ impl Scheduler {
         let reserved = local.reserve(wanted);
         let mut left = reserved;
         for (plan, claims) in plans.iter_mut().zip(&mut claims) {
+            let Some(plan) = plan else { continue };
             if left == 0 {
                 break;
             }
