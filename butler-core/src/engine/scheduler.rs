@@ -525,11 +525,9 @@ impl Scheduler {
             return Ok(());
         }
         let mut next = self.ready_page(None).await?;
+        // A next page is read only while room is left after this one.
         while let Some((page, mut tasks)) = next.take() {
             let room = self.room_for_runs();
-            if room == 0 {
-                return Ok(());
-            }
             let after_id = page.last().map(|run| run.id);
             let full = page.len() == CLAIM_PAGE;
             let mut claimed = Vec::new();

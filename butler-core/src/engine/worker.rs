@@ -85,14 +85,6 @@ pub(crate) struct ClaimedTask {
     config: uuid::Uuid,
 }
 
-/// An attempt this worker won, with what it needs to run it.
-struct Claimed {
-    task: TaskInstance,
-    workflow: Id,
-    config: uuid::Uuid,
-    renewal: Renewal,
-}
-
 /// The renewal of a claimed attempt's lease, from its claim (so that it does not lapse while
 /// the attempt waits for a slot) to its end; stops when dropped.
 struct Renewal {
@@ -544,16 +536,11 @@ impl Worker {
     ) -> Result<()> {
         self.prefetch_configs(claimed.iter().map(|c| c.config))
             .await?;
-        for ClaimedTask {
-            task,
-            workflow,
-            config,
-        } in claimed
-        {
+        for claimed in claimed {
             // The attempt waits for its slot on its own, so that the next attempts are taken
             // meanwhile; the semaphore hands slots out in the order asked. Its lease is renewed
             // from now on, however long it waits.
-            let renewal = self.clone().renew(&task);
+            let renewal = self.clone().renew(&claimed.task);
             self.backlog.waiting.fetch_add(1, Ordering::AcqRel);
             let worker = self.clone();
             let slots = self.slots.clone();
@@ -567,13 +554,7 @@ impl Worker {
                 worker.moved.notify_waiters();
                 // Closed slots or a shutdown: the lease brings the task back.
                 let Some(permit) = permit else { return };
-                let attempt = Claimed {
-                    task,
-                    workflow,
-                    config,
-                    renewal,
-                };
-                if let Err(err) = worker.attempt(attempt, permit, shutdown).await {
+                if let Err(err) = worker.attempt(claimed, renewal, permit, shutdown).await {
                     warn!(error = %err, "attempt could not be recorded; its lease will expire");
                 }
             });
@@ -640,20 +621,20 @@ impl Worker {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs one claimed attempt to its end in the slot `permit` holds, frees the slot, and
-    /// records the outcome (the slot does not wait for the commit: recording many outcomes
-    /// together is what makes group commit pay).
+    /// Runs one claimed attempt, its lease kept by `renewal`, to its end in the slot `permit`
+    /// holds, frees the slot, and records the outcome (the slot does not wait for the commit:
+    /// recording many outcomes together is what makes group commit pay).
     async fn attempt(
         self: Arc<Self>,
-        claimed: Claimed,
+        claimed: ClaimedTask,
+        renewal: Renewal,
         permit: OwnedSemaphorePermit,
         shutdown: CancellationToken,
     ) -> Result<()> {
-        let Claimed {
+        let ClaimedTask {
             task,
             workflow,
             config,
-            renewal,
         } = claimed;
         let token = task.token.unwrap_or_default();
         let run_id = task.run_id;
