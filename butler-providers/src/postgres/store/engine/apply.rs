@@ -9,10 +9,9 @@
 
 use butler_core::change::ChangeSet;
 use butler_core::change::decide::{NewEvent, Rows, TaskWrite};
-use butler_core::model::{Id, RunStatus, TaskState};
+use butler_core::model::{Id, RunStatus, TaskInstance, TaskState};
 use butler_core::{Error, Result};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
@@ -20,27 +19,29 @@ use super::super::{Decoded, PgStore};
 
 /// The expectation columns of the tasks named by the arrays `$1` (run ids) and `$2` (task
 /// ids), then the status of the runs named by `$3`, in the same columns with a NULL task id.
+/// The keys are read through functions that tell the planner to expect a few rows (migration
+/// 0010), so that it looks the rows up by key instead of scanning the tables.
 const READ: &str = "WITH t AS MATERIALIZED (\
                     SELECT t.run_id, t.task_id, t.state, t.try_number, t.token \
-                    FROM tasks AS t JOIN unnest($1::bigint[], $2::text[]) AS k (run_id, task_id) \
+                    FROM tasks AS t JOIN task_keys($1::bigint[], $2::text[]) AS k \
                     ON t.run_id = k.run_id AND t.task_id = k.task_id \
                     ORDER BY t.run_id, t.task_id FOR NO KEY UPDATE OF t), \
                     r AS MATERIALIZED (\
-                    SELECT id, status FROM runs WHERE id = ANY($3) \
-                    ORDER BY id FOR NO KEY UPDATE) \
+                    SELECT runs.id, runs.status FROM runs JOIN run_keys($3::bigint[]) AS k \
+                    ON runs.id = k.id ORDER BY runs.id FOR NO KEY UPDATE OF runs) \
                     SELECT run_id, task_id, state, try_number, token FROM t \
                     UNION ALL \
                     SELECT id, NULL::text, status, NULL::bigint, NULL::bigint FROM r";
 
-/// Every write of one call in one statement, its parameters JSON arrays: whole task rows
-/// (`$1`, of [`NewRow`]s), lease ends alone (`$2`, of [`NewLease`]s), run statuses (`$3`, of
-/// [`NewRun`]s), then the time of the events (`$4`) and the events (`$5`, of [`NewEvent`]s),
-/// inserted in `seq` order so that their ids follow the order of the changes. Answers the
-/// number of rows written.
+/// Every write of one call in one statement, its parameters arrays of one column each: whole
+/// task rows (`$1`–`$15`, the columns of [`TaskRows`]), lease ends alone (`$16`–`$18`, of
+/// [`Leases`]), run statuses (`$19`–`$24`, of [`RunRows`]), then the time of the events
+/// (`$25`) and the events (`$26`–`$32`, of [`Events`]), inserted in the order given so that
+/// their ids follow the order of the changes. Answers the number of rows written.
 ///
-/// A task is in at most one of the first two arrays, so no row is written twice. The arrays are
-/// read through functions that tell the planner to expect a few rows (migration 0008), so that
-/// it looks the rows up by key instead of scanning the tables.
+/// A task is in at most one of the first two groups, so no row is written twice. The rows are
+/// read through functions that tell the planner to expect a few rows (migration 0010), so that
+/// it looks them up by key instead of scanning the tables.
 const WRITE: &str = "WITH task_rows AS (\
                      UPDATE tasks SET state = n.state, try_number = n.try_number, \
                      failures = n.failures, token = n.token, lease_until = n.lease_until, \
@@ -48,80 +49,115 @@ const WRITE: &str = "WITH task_rows AS (\
                      first_started_at = n.first_started_at, started_at = n.started_at, \
                      ended_at = n.ended_at, next_try_at = n.next_try_at, \
                      exit_code = n.exit_code, error = n.error \
-                     FROM change_task_rows($1::json) AS n \
+                     FROM change_task_rows($1::bigint[], $2::text[], $3::text[], \
+                     $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[], $8::text[], \
+                     $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], \
+                     $14::integer[], $15::text[]) AS n \
                      WHERE tasks.run_id = n.run_id AND tasks.task_id = n.task_id RETURNING 1), \
                      leases AS (\
                      UPDATE tasks SET lease_until = n.lease_until \
-                     FROM change_task_leases($2::json) AS n \
+                     FROM change_task_leases($16::bigint[], $17::text[], $18::bigint[]) AS n \
                      WHERE tasks.run_id = n.run_id AND tasks.task_id = n.task_id RETURNING 1), \
                      run_rows AS (\
                      UPDATE runs SET status = n.status, error = n.error, \
                      started_at = CASE WHEN n.keep_started THEN runs.started_at \
                      ELSE n.started_at END, ended_at = n.ended_at \
-                     FROM change_run_rows($3::json) AS n \
+                     FROM change_run_rows($19::bigint[], $20::text[], $21::text[], \
+                     $22::boolean[], $23::bigint[], $24::bigint[]) AS n \
                      WHERE runs.id = n.id RETURNING 1), \
                      logged AS (\
                      INSERT INTO events \
                      (at, run_id, task_id, try_number, from_state, to_state, by_whom, reason) \
-                     SELECT $4, e.run_id, e.task_id, e.try_number, e.from_state, e.to_state, \
+                     SELECT $25, e.run_id, e.task_id, e.try_number, e.from_state, e.to_state, \
                      e.by_whom, e.reason \
-                     FROM json_to_recordset($5::json) AS e (seq bigint, run_id bigint, \
-                     task_id text, try_number bigint, from_state text, to_state text, \
-                     by_whom text, reason text) ORDER BY e.seq RETURNING 1) \
+                     FROM unnest($26::bigint[], $27::text[], $28::bigint[], $29::text[], \
+                     $30::text[], $31::text[], $32::text[]) WITH ORDINALITY AS e (run_id, \
+                     task_id, try_number, from_state, to_state, by_whom, reason, seq) \
+                     ORDER BY e.seq RETURNING 1) \
                      SELECT (SELECT count(*) FROM task_rows) + (SELECT count(*) FROM leases) \
                      + (SELECT count(*) FROM run_rows) + (SELECT count(*) FROM logged)";
 
-/// A [`NewEvent`] with its place in the call, as the write statement reads it.
-#[derive(Debug, Serialize)]
-struct LoggedEvent<'a> {
-    seq: usize,
-    run_id: Id,
-    task_id: Option<&'a str>,
-    try_number: Option<u32>,
-    from_state: &'static str,
-    to_state: &'static str,
-    by_whom: &'a str,
-    reason: &'a str,
+/// Tasks' whole new rows, one vector per column, times in milliseconds.
+#[derive(Debug, Default)]
+struct TaskRows<'a> {
+    run_id: Vec<Id>,
+    task_id: Vec<&'a str>,
+    state: Vec<&'static str>,
+    try_number: Vec<i64>,
+    failures: Vec<i64>,
+    token: Vec<Option<i64>>,
+    lease_until: Vec<Option<i64>>,
+    worker: Vec<Option<&'a str>>,
+    queued_at: Vec<Option<i64>>,
+    first_started_at: Vec<Option<i64>>,
+    started_at: Vec<Option<i64>>,
+    ended_at: Vec<Option<i64>>,
+    next_try_at: Vec<Option<i64>>,
+    exit_code: Vec<Option<i32>>,
+    error: Vec<Option<&'a str>>,
 }
 
-/// A task's whole new row, times in milliseconds, as the write statement reads it.
-#[derive(Debug, Serialize)]
-struct NewRow<'a> {
-    run_id: Id,
-    task_id: &'a str,
-    state: &'static str,
-    try_number: u32,
-    failures: u32,
-    token: Option<i64>,
-    lease_until: Option<i64>,
-    worker: Option<&'a str>,
-    queued_at: Option<i64>,
-    first_started_at: Option<i64>,
-    started_at: Option<i64>,
-    ended_at: Option<i64>,
-    next_try_at: Option<i64>,
-    exit_code: Option<i32>,
-    error: Option<&'a str>,
+impl<'a> TaskRows<'a> {
+    fn push(
+        &mut self,
+        run_id: Id,
+        task_id: &'a str,
+        new: &'a TaskInstance,
+        lease_until: Option<DateTime<Utc>>,
+    ) {
+        self.run_id.push(run_id);
+        self.task_id.push(task_id);
+        self.state.push(new.state.as_str());
+        self.try_number.push(new.try_number.into());
+        self.failures.push(new.failures.into());
+        self.token.push(new.token);
+        self.lease_until.push(ms(lease_until));
+        self.worker.push(new.worker.as_deref());
+        self.queued_at.push(ms(new.queued_at));
+        self.first_started_at.push(ms(new.first_started_at));
+        self.started_at.push(ms(new.started_at));
+        self.ended_at.push(ms(new.ended_at));
+        self.next_try_at.push(ms(new.next_try_at));
+        self.exit_code.push(new.exit_code);
+        self.error.push(new.error.as_deref());
+    }
 }
 
-/// A lease end alone, in milliseconds.
-#[derive(Debug, Serialize)]
-struct NewLease<'a> {
-    run_id: Id,
-    task_id: &'a str,
-    lease_until: i64,
+/// Lease ends alone, in milliseconds, one vector per column.
+#[derive(Debug, Default)]
+struct Leases<'a> {
+    run_id: Vec<Id>,
+    task_id: Vec<&'a str>,
+    lease_until: Vec<i64>,
 }
 
-/// A run's new status: whether the stored start time stays, the start time otherwise and the
-/// end time, in milliseconds.
-#[derive(Debug, Serialize)]
-struct NewRun<'a> {
-    id: Id,
-    status: &'static str,
-    error: Option<&'a str>,
-    keep_started: bool,
-    started_at: Option<i64>,
-    ended_at: Option<i64>,
+/// Runs' new statuses, one vector per column: whether the stored start time stays, the start
+/// time otherwise and the end time, in milliseconds.
+#[derive(Debug, Default)]
+struct RunRows<'a> {
+    id: Vec<Id>,
+    status: Vec<&'static str>,
+    error: Vec<Option<&'a str>>,
+    keep_started: Vec<bool>,
+    started_at: Vec<Option<i64>>,
+    ended_at: Vec<Option<i64>>,
+}
+
+/// [`NewEvent`]s in order, one vector per column.
+#[derive(Debug, Default)]
+struct Events<'a> {
+    run_id: Vec<Id>,
+    task_id: Vec<Option<&'a str>>,
+    try_number: Vec<Option<i64>>,
+    from_state: Vec<&'static str>,
+    to_state: Vec<&'static str>,
+    by_whom: Vec<&'a str>,
+    reason: Vec<&'a str>,
+}
+
+/// A time in milliseconds.
+fn ms(t: Option<DateTime<Utc>>) -> Option<i64> {
+    t.map(|t| t.timestamp_millis())
 }
 
 /// Applies `sets` on `conn`, inside a transaction the caller commits, logging events at `at`
@@ -177,70 +213,80 @@ async fn write(
     at: i64,
     doing: &str,
 ) -> Result<()> {
-    let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
-    let mut rows = Vec::new();
-    let mut leases = Vec::new();
+    let mut rows = TaskRows::default();
+    let mut leases = Leases::default();
     for (run_id, task_id, write) in decided.task_writes() {
         match write {
-            TaskWrite::Row { new, lease_until } => rows.push(NewRow {
-                run_id,
-                task_id,
-                state: new.state.as_str(),
-                try_number: new.try_number,
-                failures: new.failures,
-                token: new.token,
-                lease_until: ms(lease_until),
-                worker: new.worker.as_deref(),
-                queued_at: ms(new.queued_at),
-                first_started_at: ms(new.first_started_at),
-                started_at: ms(new.started_at),
-                ended_at: ms(new.ended_at),
-                next_try_at: ms(new.next_try_at),
-                exit_code: new.exit_code,
-                error: new.error.as_deref(),
-            }),
-            TaskWrite::Lease(until) => leases.push(NewLease {
-                run_id,
-                task_id,
-                lease_until: until.timestamp_millis(),
-            }),
+            TaskWrite::Row { new, lease_until } => rows.push(run_id, task_id, new, lease_until),
+            TaskWrite::Lease(until) => {
+                leases.run_id.push(run_id);
+                leases.task_id.push(task_id);
+                leases.lease_until.push(until.timestamp_millis());
+            }
         }
     }
-    let runs: Vec<NewRun<'_>> = decided
-        .run_writes()
-        .map(|(id, write)| NewRun {
-            id,
-            status: write.status.as_str(),
-            error: write.error,
-            keep_started: write.started_at.is_none(),
-            started_at: ms(write.started_at.flatten()),
-            ended_at: ms(write.ended_at),
-        })
-        .collect();
-    let logged: Vec<LoggedEvent<'_>> = events
-        .iter()
-        .enumerate()
-        .map(|(seq, e)| LoggedEvent {
-            seq,
-            run_id: e.run_id,
-            task_id: e.task_id,
-            try_number: e.try_number,
-            from_state: e.from_state,
-            to_state: e.to_state,
-            by_whom: e.by_whom,
-            reason: e.reason,
-        })
-        .collect();
-    let expected = rows.len() + leases.len() + runs.len() + logged.len();
+    let mut runs = RunRows::default();
+    for (id, write) in decided.run_writes() {
+        runs.id.push(id);
+        runs.status.push(write.status.as_str());
+        runs.error.push(write.error);
+        runs.keep_started.push(write.started_at.is_none());
+        runs.started_at.push(ms(write.started_at.flatten()));
+        runs.ended_at.push(ms(write.ended_at));
+    }
+    let mut logged = Events::default();
+    for e in events {
+        logged.run_id.push(e.run_id);
+        logged.task_id.push(e.task_id);
+        logged.try_number.push(e.try_number.map(i64::from));
+        logged.from_state.push(e.from_state);
+        logged.to_state.push(e.to_state);
+        logged.by_whom.push(e.by_whom);
+        logged.reason.push(e.reason);
+    }
+    let counts = (
+        rows.run_id.len(),
+        leases.run_id.len(),
+        runs.id.len(),
+        logged.run_id.len(),
+    );
+    let expected = counts.0 + counts.1 + counts.2 + counts.3;
     if expected == 0 {
         return Ok(());
     }
     let written: i64 = sqlx::query_scalar(WRITE)
-        .bind(encode(&rows, doing)?)
-        .bind(encode(&leases, doing)?)
-        .bind(encode(&runs, doing)?)
+        .bind(rows.run_id)
+        .bind(rows.task_id)
+        .bind(rows.state)
+        .bind(rows.try_number)
+        .bind(rows.failures)
+        .bind(rows.token)
+        .bind(rows.lease_until)
+        .bind(rows.worker)
+        .bind(rows.queued_at)
+        .bind(rows.first_started_at)
+        .bind(rows.started_at)
+        .bind(rows.ended_at)
+        .bind(rows.next_try_at)
+        .bind(rows.exit_code)
+        .bind(rows.error)
+        .bind(leases.run_id)
+        .bind(leases.task_id)
+        .bind(leases.lease_until)
+        .bind(runs.id)
+        .bind(runs.status)
+        .bind(runs.error)
+        .bind(runs.keep_started)
+        .bind(runs.started_at)
+        .bind(runs.ended_at)
         .bind(at)
-        .bind(encode(&logged, doing)?)
+        .bind(logged.run_id)
+        .bind(logged.task_id)
+        .bind(logged.try_number)
+        .bind(logged.from_state)
+        .bind(logged.to_state)
+        .bind(logged.by_whom)
+        .bind(logged.reason)
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| store.fail(doing, e))?;
@@ -255,18 +301,9 @@ async fn write(
         format!(
             "{} task row(s), {} lease(s), {} run(s) and {} event(s) were to be written, \
              but {written} row(s) were; report this as a bug in butler",
-            rows.len(),
-            leases.len(),
-            runs.len(),
-            logged.len()
+            counts.0, counts.1, counts.2, counts.3
         ),
     ))
-}
-
-/// The JSON text bound for one of the arrays above.
-fn encode<T: Serialize + ?Sized>(value: &T, doing: &str) -> Result<String> {
-    serde_json::to_string(value)
-        .map_err(|e| Error::backend(format!("cannot {doing}: a change cannot be encoded"), e))
 }
 
 /// A row of [`READ`].
@@ -291,35 +328,4 @@ fn found_row(row: &PgRow) -> Decoded<Found> {
         ),
         None => Found::Run(id, state.parse()?),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rows_are_encoded_with_the_names_the_write_statement_reads() {
-        let json = encode(
-            &[NewLease {
-                run_id: 3,
-                task_id: "a",
-                lease_until: 5,
-            }],
-            "test",
-        )
-        .expect("encode");
-        assert_eq!(json, r#"[{"run_id":3,"task_id":"a","lease_until":5}]"#);
-        // Task rows, leases and runs are read by the functions of migration 0008, events by
-        // the statement itself.
-        let functions = include_str!("../../../../migrations/postgres/0008_change_rows.sql");
-        for column in [
-            "run_id bigint",
-            "lease_until bigint",
-            "exit_code integer",
-            "keep_started boolean",
-        ] {
-            assert!(functions.contains(column), "{column}");
-        }
-        assert!(WRITE.contains("seq bigint"));
-    }
 }
