@@ -1,7 +1,8 @@
 //! Where Butler's log goes, at which levels and in which format, from four variables:
 //!
 //! - `BUTLER_LOG`: levels, in `tracing`'s filter syntax (`info,butler_core::engine=debug`);
-//!   `warn` by default for commands, `info` for `server`, `scheduler` and `worker`;
+//!   `warn` by default for commands, `info` for `server`, `scheduler` and `worker`, both
+//!   without the RabbitMQ client's channel closes ([`QUIET`]);
 //! - `BUTLER_LOG_FORMAT`: `text` (default) or `json`, one object per line;
 //! - `BUTLER_LOG_FILE=PATH`: append to that file instead of stderr;
 //! - `BUTLER_LOG_DIR=DIR`: append to one file per component in `DIR` (see [`COMPONENTS`]).
@@ -53,6 +54,12 @@ pub const COMPONENTS: &[(&str, &str)] = &[
     ("butler_providers::notify", "notify"),
 ];
 
+/// Added to the default levels: RabbitMQ closes a channel that asks about a queue not yet
+/// declared, which Butler expects (a fresh deployment's depth is zero) and which its client
+/// logs as an error; a close Butler did not expect fails the call that met it, with the
+/// broker's reason, so nothing is lost by not logging it twice.
+const QUIET: &str = "lapin::channel=off";
+
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
 /// The log settings, read and checked.
@@ -87,8 +94,8 @@ impl LogSettings {
                 check_filter(&filter)?;
                 filter.trim().to_owned()
             }
-            None if long_lived => "info".to_owned(),
-            None => "warn".to_owned(),
+            None if long_lived => format!("info,{QUIET}"),
+            None => format!("warn,{QUIET}"),
         };
         let json = match set(FORMAT_VAR).as_deref().map(str::trim) {
             None | Some("text") => false,
@@ -281,12 +288,13 @@ mod tests {
     #[test]
     fn defaults_are_quiet_for_commands_and_informative_for_services() {
         let command = read(&[], false).expect("defaults");
-        assert_eq!(command.filter, "warn");
+        assert_eq!(command.filter, "warn,lapin::channel=off");
         assert!(!command.json);
         assert_eq!(command.destination, Destination::Stderr);
-        assert_eq!(read(&[], true).expect("defaults").filter, "info");
+        let service = read(&[], true).expect("defaults");
+        assert_eq!(service.filter, "info,lapin::channel=off");
         // Empty values count as unset.
-        assert_eq!(read(&[(LOG_VAR, " ")], true).expect("empty").filter, "info");
+        assert_eq!(read(&[(LOG_VAR, " ")], true).expect("empty"), service);
     }
 
     #[test]

@@ -852,6 +852,38 @@ fn kill_the_leading_scheduler(
 }
 
 #[test]
+fn doctor_on_a_fresh_cluster_checks_each_service_and_logs_no_error() {
+    let Some(cluster) =
+        Cluster::new("doctor_on_a_fresh_cluster_checks_each_service_and_logs_no_error")
+    else {
+        return;
+    };
+    // Nothing has declared the cluster's queues yet: RabbitMQ answers the depth check by
+    // closing its channel, which Butler expects and must not show as an error.
+    let outcome = cluster.run(&["doctor"]);
+    assert_eq!(
+        outcome.code, 0,
+        "doctor failed:\n{}\n{}",
+        outcome.stdout, outcome.stderr
+    );
+    for (check, url) in [("store", "postgres://"), ("queue", "amqp://")] {
+        assert!(
+            outcome
+                .stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("ok    {check}")) && l.contains(url)),
+            "no `ok {check}` line for {url}:\n{}",
+            outcome.stdout
+        );
+    }
+    assert!(
+        !outcome.stderr.contains("ERROR"),
+        "doctor logged an error on a healthy cluster:\n{}",
+        outcome.stderr
+    );
+}
+
+#[test]
 fn a_killed_scheduler_is_replaced_and_runs_finish() {
     let Some((all_events, killed, successor)) = kill_the_leading_scheduler(
         "a_killed_scheduler_is_replaced_and_runs_finish",

@@ -1197,8 +1197,8 @@ impl Feed {
         let mut state = lock(&self.state);
         match received {
             Some(Ok(delivery)) => state.push(delivery),
-            // Cancelled by the broker or its channel closed: the next dequeue starts another.
-            Some(Err(_)) | None => state.consumer = None,
+            Some(Err(e)) => state.lose_consumer(Some(&e)),
+            None => state.lose_consumer(None),
         }
         drop(state);
         self.arrived.notify_waiters();
@@ -1265,25 +1265,43 @@ impl FeedState {
             .insert((u8::MAX - priority, self.arrivals), delivery);
     }
 
+    /// Forgets a consumer the broker cancelled, or whose channel closed with `error`: the next
+    /// dequeue starts another. The error is logged here, since the RabbitMQ client's own log
+    /// of channel closes is off by default (it also reports the closes Butler expects).
+    fn lose_consumer(&mut self, error: Option<&lapin::Error>) {
+        if let (Some((_, consumer)), Some(error)) = (&self.consumer, error) {
+            tracing::warn!(
+                queue = %consumer.queue(),
+                %error,
+                "RabbitMQ ended the consumer of a queue; the next dequeue starts another"
+            );
+        }
+        self.consumer = None;
+    }
+
     /// Moves what the consumer has received into `waiting`, without waiting for more.
     fn drain(&mut self) {
         let Some((_, consumer)) = self.consumer.as_mut() else {
             return;
         };
         let mut received = Vec::new();
-        let mut ended = false;
+        let mut ended = None;
         loop {
             match consumer.next().now_or_never() {
                 Some(Some(Ok(delivery))) => received.push(delivery),
-                Some(Some(Err(_)) | None) => {
-                    ended = true;
+                Some(Some(Err(e))) => {
+                    ended = Some(Some(e));
+                    break;
+                }
+                Some(None) => {
+                    ended = Some(None);
                     break;
                 }
                 None => break,
             }
         }
-        if ended {
-            self.consumer = None;
+        if let Some(error) = ended {
+            self.lose_consumer(error.as_ref());
         }
         for delivery in received {
             self.push(delivery);
