@@ -8,12 +8,13 @@
 //! event (a foreign key to its run) takes free to proceed.
 
 use butler_core::change::ChangeSet;
-use butler_core::change::decide::{NewEvent, Rows, TaskWrite};
+use butler_core::change::decide::{NewEvent, Rows, RunWrite, TaskWrite};
 use butler_core::model::{Id, RunStatus, TaskInstance, TaskState};
 use butler_core::{Error, Result};
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Row};
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::QueryScalar;
+use sqlx::{PgConnection, Postgres, Row};
 
 use super::super::{Decoded, PgStore};
 
@@ -121,6 +122,26 @@ impl<'a> TaskRows<'a> {
         self.exit_code.push(new.exit_code);
         self.error.push(new.error.as_deref());
     }
+
+    /// Binds `$1`–`$15` of [`WRITE`].
+    fn bind(self, query: WriteQuery<'a>) -> WriteQuery<'a> {
+        query
+            .bind(self.run_id)
+            .bind(self.task_id)
+            .bind(self.state)
+            .bind(self.try_number)
+            .bind(self.failures)
+            .bind(self.token)
+            .bind(self.lease_until)
+            .bind(self.worker)
+            .bind(self.queued_at)
+            .bind(self.first_started_at)
+            .bind(self.started_at)
+            .bind(self.ended_at)
+            .bind(self.next_try_at)
+            .bind(self.exit_code)
+            .bind(self.error)
+    }
 }
 
 /// Lease ends alone, in milliseconds, one vector per column.
@@ -129,6 +150,22 @@ struct Leases<'a> {
     run_id: Vec<Id>,
     task_id: Vec<&'a str>,
     lease_until: Vec<i64>,
+}
+
+impl<'a> Leases<'a> {
+    fn push(&mut self, run_id: Id, task_id: &'a str, until: DateTime<Utc>) {
+        self.run_id.push(run_id);
+        self.task_id.push(task_id);
+        self.lease_until.push(until.timestamp_millis());
+    }
+
+    /// Binds `$16`–`$18` of [`WRITE`].
+    fn bind(self, query: WriteQuery<'a>) -> WriteQuery<'a> {
+        query
+            .bind(self.run_id)
+            .bind(self.task_id)
+            .bind(self.lease_until)
+    }
 }
 
 /// Runs' new statuses, one vector per column: whether the stored start time stays, the start
@@ -143,6 +180,28 @@ struct RunRows<'a> {
     ended_at: Vec<Option<i64>>,
 }
 
+impl<'a> RunRows<'a> {
+    fn push(&mut self, id: Id, write: RunWrite<'a>) {
+        self.id.push(id);
+        self.status.push(write.status.as_str());
+        self.error.push(write.error);
+        self.keep_started.push(write.started_at.is_none());
+        self.started_at.push(ms(write.started_at.flatten()));
+        self.ended_at.push(ms(write.ended_at));
+    }
+
+    /// Binds `$19`–`$24` of [`WRITE`].
+    fn bind(self, query: WriteQuery<'a>) -> WriteQuery<'a> {
+        query
+            .bind(self.id)
+            .bind(self.status)
+            .bind(self.error)
+            .bind(self.keep_started)
+            .bind(self.started_at)
+            .bind(self.ended_at)
+    }
+}
+
 /// [`NewEvent`]s in order, one vector per column.
 #[derive(Debug, Default)]
 struct Events<'a> {
@@ -154,6 +213,33 @@ struct Events<'a> {
     by_whom: Vec<&'a str>,
     reason: Vec<&'a str>,
 }
+
+impl<'a> Events<'a> {
+    fn push(&mut self, e: &NewEvent<'a>) {
+        self.run_id.push(e.run_id);
+        self.task_id.push(e.task_id);
+        self.try_number.push(e.try_number.map(i64::from));
+        self.from_state.push(e.from_state);
+        self.to_state.push(e.to_state);
+        self.by_whom.push(e.by_whom);
+        self.reason.push(e.reason);
+    }
+
+    /// Binds `$26`–`$32` of [`WRITE`].
+    fn bind(self, query: WriteQuery<'a>) -> WriteQuery<'a> {
+        query
+            .bind(self.run_id)
+            .bind(self.task_id)
+            .bind(self.try_number)
+            .bind(self.from_state)
+            .bind(self.to_state)
+            .bind(self.by_whom)
+            .bind(self.reason)
+    }
+}
+
+/// [`WRITE`] with the parameters bound so far.
+type WriteQuery<'q> = QueryScalar<'q, Postgres, i64, PgArguments>;
 
 /// A time in milliseconds.
 fn ms(t: Option<DateTime<Utc>>) -> Option<i64> {
@@ -218,31 +304,16 @@ async fn write(
     for (run_id, task_id, write) in decided.task_writes() {
         match write {
             TaskWrite::Row { new, lease_until } => rows.push(run_id, task_id, new, lease_until),
-            TaskWrite::Lease(until) => {
-                leases.run_id.push(run_id);
-                leases.task_id.push(task_id);
-                leases.lease_until.push(until.timestamp_millis());
-            }
+            TaskWrite::Lease(until) => leases.push(run_id, task_id, until),
         }
     }
     let mut runs = RunRows::default();
     for (id, write) in decided.run_writes() {
-        runs.id.push(id);
-        runs.status.push(write.status.as_str());
-        runs.error.push(write.error);
-        runs.keep_started.push(write.started_at.is_none());
-        runs.started_at.push(ms(write.started_at.flatten()));
-        runs.ended_at.push(ms(write.ended_at));
+        runs.push(id, write);
     }
     let mut logged = Events::default();
-    for e in events {
-        logged.run_id.push(e.run_id);
-        logged.task_id.push(e.task_id);
-        logged.try_number.push(e.try_number.map(i64::from));
-        logged.from_state.push(e.from_state);
-        logged.to_state.push(e.to_state);
-        logged.by_whom.push(e.by_whom);
-        logged.reason.push(e.reason);
+    for event in events {
+        logged.push(event);
     }
     let counts = (
         rows.run_id.len(),
@@ -254,39 +325,12 @@ async fn write(
     if expected == 0 {
         return Ok(());
     }
-    let written: i64 = sqlx::query_scalar(WRITE)
-        .bind(rows.run_id)
-        .bind(rows.task_id)
-        .bind(rows.state)
-        .bind(rows.try_number)
-        .bind(rows.failures)
-        .bind(rows.token)
-        .bind(rows.lease_until)
-        .bind(rows.worker)
-        .bind(rows.queued_at)
-        .bind(rows.first_started_at)
-        .bind(rows.started_at)
-        .bind(rows.ended_at)
-        .bind(rows.next_try_at)
-        .bind(rows.exit_code)
-        .bind(rows.error)
-        .bind(leases.run_id)
-        .bind(leases.task_id)
-        .bind(leases.lease_until)
-        .bind(runs.id)
-        .bind(runs.status)
-        .bind(runs.error)
-        .bind(runs.keep_started)
-        .bind(runs.started_at)
-        .bind(runs.ended_at)
-        .bind(at)
-        .bind(logged.run_id)
-        .bind(logged.task_id)
-        .bind(logged.try_number)
-        .bind(logged.from_state)
-        .bind(logged.to_state)
-        .bind(logged.by_whom)
-        .bind(logged.reason)
+    // In the order of the statement's parameters.
+    let query = rows.bind(sqlx::query_scalar(WRITE));
+    let query = leases.bind(query);
+    let query = runs.bind(query).bind(at);
+    let written: i64 = logged
+        .bind(query)
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| store.fail(doing, e))?;
