@@ -86,6 +86,7 @@ impl Handoff {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
@@ -96,7 +97,7 @@ mod tests {
     use super::super::{DEFAULT_TASK_QUEUE, Engine, EngineOptions, VERSION};
     use crate::executor::{Attempt, CancellationToken, Executor, Finished, Outcome};
     use crate::memory::{MemoryQueue, MemoryRunStore};
-    use crate::model::{RunStatus, TaskInstance, TaskState, WorkerInfo};
+    use crate::model::{Event, EventFilter, RunStatus, TaskInstance, TaskState, WorkerInfo};
     use crate::queue::{DeadLetter, Delivery, DeliveryTag, NewMessage, Queue, QueueDepth};
     use crate::store::RunStore;
     use crate::testing::launch::launch_runs;
@@ -162,13 +163,13 @@ mod tests {
 
     /// Runs `runs` runs of `definition` to completion in one engine with 2 slots on `queue`,
     /// with `other_worker` listed in the store first; every task ran exactly once. Answers the
-    /// tasks.
+    /// tasks and the events of the runs.
     async fn run_in_one_process(
         queue: Arc<Counting>,
         definition: &str,
         runs: usize,
         other_worker: Option<WorkerInfo>,
-    ) -> Vec<TaskInstance> {
+    ) -> (Vec<TaskInstance>, Vec<Event>) {
         let store = Arc::new(MemoryRunStore::new());
         if let Some(other) = &other_worker {
             store.heartbeat_worker(other).await.expect("heartbeat");
@@ -196,7 +197,16 @@ mod tests {
                 task.task_id
             );
         }
-        tasks
+        let events = store
+            .list_events(&EventFilter {
+                not_by_suffix: None,
+                run_id: None,
+                after: 0,
+                limit: u32::MAX,
+            })
+            .await
+            .expect("events");
+        (tasks, events)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +228,8 @@ mod tests {
         let queue = Arc::new(Counting::default());
         // Two runs never fill two slots and their look-ahead, so each task, first or next in
         // its chain, was claimed by the commit that queued it: it started when it was queued.
-        for task in run_in_one_process(queue.clone(), chain, 2, None).await {
+        let (tasks, events) = run_in_one_process(queue.clone(), chain, 2, None).await;
+        for task in &tasks {
             assert_eq!(
                 task.started_at, task.queued_at,
                 "run {} task {}: started in the commit that queued it",
@@ -226,6 +237,19 @@ mod tests {
             );
         }
         assert_eq!(queue.enqueued.load(Ordering::SeqCst), 0);
+        // The run went in-progress in the commit that started its first task (one time of
+        // change per commit), not in a commit of its own after it.
+        for run_id in tasks.iter().map(|t| t.run_id).collect::<BTreeSet<_>>() {
+            let at = |task: Option<&str>, to: &str| {
+                events
+                    .iter()
+                    .find(|e| e.run_id == run_id && e.task_id.as_deref() == task && e.to == to)
+                    .map(|e| e.at)
+            };
+            let (run_started, a_started) = (at(None, "in-progress"), at(Some("a"), "running"));
+            assert!(run_started.is_some(), "run {run_id} went in-progress");
+            assert_eq!(run_started, a_started, "run {run_id}: {events:?}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
 use crate::definition::Definition;
-use crate::model::{AnalysisRun, RunStatus, TaskInstance, TaskState};
+use crate::model::{AnalysisRun, Id, RunStatus, TaskInstance, TaskState};
 
 /// A task attempt to hand to the queue once the plan is committed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,6 +52,10 @@ pub struct Plan {
     pub enqueue: Vec<QueuedTask>,
     /// The run's status after the plan, if it finishes the run.
     pub finishes: Option<RunStatus>,
+    /// The run, when it stays `scheduled` with no task started: a task that this process's
+    /// slots claim in the plan's own commit moves it to `in-progress` in that commit too
+    /// (see `Scheduler::claim_for_slots`), rather than in a commit of its own later.
+    pub unstarted: Option<Id>,
 }
 
 /// Plans run `run` whose tasks are `tasks`, at `now`, as `by`.
@@ -202,21 +206,27 @@ pub fn plan_run(
                 );
             }
         }
-    } else if run.status == RunStatus::Scheduled
-        && let Some(started) = all.iter().filter_map(|t| t.started_at).min()
-    {
-        plan.changes.push(Change::Run(RunChange {
-            run_id: run.id,
-            expect: RunStatus::Scheduled,
-            status: RunStatus::InProgress,
-            error: None,
-            started_at: Some(started),
-            ended_at: None,
-            by: by.to_owned(),
-            reason: "a task started".to_owned(),
-        }));
+    } else if run.status == RunStatus::Scheduled {
+        match all.iter().filter_map(|t| t.started_at).min() {
+            Some(started) => plan.changes.push(started_change(run.id, started, by)),
+            None => plan.unstarted = Some(run.id),
+        }
     }
     plan
+}
+
+/// Run `run_id`, `scheduled`, goes `in-progress`: its first task started at `started`.
+pub fn started_change(run_id: Id, started: DateTime<Utc>, by: &str) -> Change {
+    Change::Run(RunChange {
+        run_id,
+        expect: RunStatus::Scheduled,
+        status: RunStatus::InProgress,
+        error: None,
+        started_at: Some(started),
+        ended_at: None,
+        by: by.to_owned(),
+        reason: "a task started".to_owned(),
+    })
 }
 
 /// The reason run `run` is past its timeout at `now`, if it is.

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::batch::Batcher;
 use super::metrics;
-use super::plan::{Plan, QueuedTask, TaskMessage, plan_run, run_deadline};
+use super::plan::{Plan, QueuedTask, TaskMessage, plan_run, run_deadline, started_change};
 use super::worker::{ClaimedTask, Worker};
 use super::{EngineOptions, RunFinished, SCHEDULER_ROLE, python_queue, retry, worker_is_gone};
 use crate::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
@@ -852,6 +852,12 @@ impl Scheduler {
                 }
             }
             plan.enqueue = rest;
+            // The run's first task starts with this commit, and so does the run.
+            if !claims.is_empty()
+                && let Some(run_id) = plan.unstarted.take()
+            {
+                plan.changes.push(started_change(run_id, now, &self.name));
+            }
         }
         (reserved, claims)
     }
