@@ -21,7 +21,7 @@ use butler_providers::sqlite::SqliteQueue;
 use serde_json::json;
 
 use super::broker::{Layout, messages_per_second};
-use super::{Args, cpu, median, open_store, secs};
+use super::{Args, commits, cpu, median, open_store, secs};
 use crate::report::Figure;
 
 /// Completes every attempt at once, so only Butler's own work is measured; remembers when each
@@ -558,6 +558,8 @@ pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
         "[[tasks]]\nid = \"a\"\nrun = \"true\"\n[[tasks]]\nid = \"b\"\nneeds = [\"a\"]\nrun = \"true\"\n",
     )
     .await?;
+    let commits = commits::record()?;
+    let commits_before = commits.count();
     let executor = Arc::new(NoopExecutor::default());
     let mut engine = start(&s, executor.clone(), 2);
     let mut runs = Vec::new();
@@ -573,6 +575,7 @@ pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
         .lock()
         .map_err(|_| anyhow::anyhow!("marks poisoned"))?
         .clone();
+    let committed = commits.count() - commits_before;
     let mut samples = Vec::new();
     for run in &runs {
         let (Some((_, a_end)), Some((b_start, _))) = (
@@ -604,6 +607,12 @@ pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
             "ms",
         )
         .limit(commit, "one single-row commit to the same database"),
+        Figure::new(
+            "latency",
+            "store commits per task, launches included (each an fsync with `full`)",
+            committed as f64 / (2 * runs.len()) as f64,
+            "commits",
+        ),
     ])
 }
 

@@ -1,6 +1,7 @@
 //! The scenarios and what they share.
 
 mod broker;
+mod commits;
 mod cpu;
 mod engine;
 mod launch;

@@ -404,6 +404,8 @@ fn metrics_count_what_the_runs_did_and_agree_with_the_cli() {
         assert!(done.value(family, &[("op", op)]) > 0.0, "{family} {op}");
     }
     assert!(done.sum("butler_store_batch_size_count", &[]) > 0.0);
+    // The group commits reached the database as commits of its own.
+    assert!(done.sum("butler_store_commits_total", &[]) > 0.0);
 
     // Nothing waits; one worker is alive and reported recently.
     assert_eq!(done.sum("butler_active_run_tasks", &[]), 0.0);

@@ -35,6 +35,11 @@ pub const STORE_CALL_DURATION: &str = "butler_store_call_duration_seconds";
 pub const STORE_BATCH_SIZE: &str = "butler_store_batch_size";
 /// Histogram: how long the engine's queue calls took, in seconds, by `op`.
 pub const QUEUE_CALL_DURATION: &str = "butler_queue_call_duration_seconds";
+/// Counter: write transactions this process committed to the store's database, each one
+/// durable commit (an fsync with `full` durability); counted by the store, right after the
+/// commit and before its callers hear of it. With SQLite every write (the queue's too), with
+/// PostgreSQL the store's transactions but not its single-statement writes.
+pub const STORE_COMMITS: &str = "butler_store_commits_total";
 
 /// Every value of the `outcome` label of [`TASK_ATTEMPTS`] and [`TASK_RETRIES`]:
 /// - `succeeded`: exit code 0;
@@ -121,6 +126,12 @@ pub fn describe() {
         Unit::Seconds,
         "How long the engine's queue calls took, by op."
     );
+    describe_counter!(
+        STORE_COMMITS,
+        Unit::Count,
+        "Write transactions this process committed to the store's database (with SQLite, the \
+         queue's writes share them)."
+    );
     for outcome in OUTCOMES {
         counter!(TASK_ATTEMPTS, "outcome" => outcome).absolute(0);
         counter!(TASK_RETRIES, "outcome" => outcome).absolute(0);
@@ -129,6 +140,7 @@ pub fn describe() {
         counter!(RUNS_FINISHED, "status" => status.as_str()).absolute(0);
     }
     counter!(RUN_TIMEOUTS).absolute(0);
+    counter!(STORE_COMMITS).absolute(0);
 }
 
 /// The `outcome` label of an attempt that ran to an end.

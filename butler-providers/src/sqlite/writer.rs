@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, Weak, mpsc};
 use std::time::Duration;
 
+use butler_core::engine::metrics::STORE_COMMITS;
 use butler_core::{Error, Result};
 use rusqlite::{Connection, OpenFlags};
 use sqlx::SqlitePool;
@@ -464,6 +465,7 @@ fn run_group(conn: &Connection, mut group: Vec<Box<dyn Work>>) {
     let mut rounds = 0;
     while !group.is_empty() {
         rounds += 1;
+        let changes_before = conn.total_changes();
         if let Err(e) = statement(conn, "BEGIN IMMEDIATE") {
             for work in group {
                 work.answer(Some(&e));
@@ -500,8 +502,14 @@ fn run_group(conn: &Connection, mut group: Vec<Box<dyn Work>>) {
         }
         let Some(failed) = failed else {
             let committed = statement(conn, "COMMIT");
-            if committed.is_err() {
-                rollback(conn);
+            match committed {
+                // A transaction that changed no row writes nothing to the log and needs no
+                // fsync, so it is not counted.
+                Ok(()) if conn.total_changes() != changes_before => {
+                    metrics::counter!(STORE_COMMITS).increment(1);
+                }
+                Ok(()) => {}
+                Err(_) => rollback(conn),
             }
             for work in group {
                 work.answer(committed.as_ref().err());
