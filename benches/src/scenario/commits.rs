@@ -58,14 +58,16 @@ impl Recorder for CommitRecorder {
 /// Starts counting the store's commits in this process (once; later calls answer the same
 /// count).
 pub fn record() -> anyhow::Result<Arc<Commits>> {
-    static COMMITS: OnceLock<Arc<Commits>> = OnceLock::new();
-    if let Some(commits) = COMMITS.get() {
-        return Ok(commits.clone());
-    }
-    let commits = COMMITS.get_or_init(Arc::default).clone();
-    metrics::set_global_recorder(CommitRecorder(commits.clone()))
-        .map_err(|e| anyhow::anyhow!("cannot count the store's commits: {e}"))?;
-    Ok(commits)
+    static COMMITS: OnceLock<Result<Arc<Commits>, String>> = OnceLock::new();
+    COMMITS
+        .get_or_init(|| {
+            let commits = Arc::<Commits>::default();
+            metrics::set_global_recorder(CommitRecorder(commits.clone()))
+                .map(|()| commits)
+                .map_err(|e| format!("cannot count the store's commits: {e}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]
