@@ -37,8 +37,9 @@ pub const STORE_BATCH_SIZE: &str = "butler_store_batch_size";
 pub const QUEUE_CALL_DURATION: &str = "butler_queue_call_duration_seconds";
 /// Counter: write transactions this process committed to the store's database, each one
 /// durable commit (an fsync with `full` durability); counted by the store, right after the
-/// commit and before its callers hear of it. With SQLite every write (the queue's too), with
-/// PostgreSQL the store's transactions but not its single-statement writes.
+/// commit and before its callers hear of it: group commits (with SQLite, the queue's writes
+/// share them) and the store's other transactions, such as launches, but not single-statement
+/// writes such as heartbeats.
 pub const STORE_COMMITS: &str = "butler_store_commits_total";
 
 /// Every value of the `outcome` label of [`TASK_ATTEMPTS`] and [`TASK_RETRIES`]:
@@ -129,8 +130,8 @@ pub fn describe() {
     describe_counter!(
         STORE_COMMITS,
         Unit::Count,
-        "Write transactions this process committed to the store's database (with SQLite, the \
-         queue's writes share them)."
+        "Write transactions this process committed to the store's database: group commits \
+         and launches, not single-statement writes such as heartbeats."
     );
     for outcome in OUTCOMES {
         counter!(TASK_ATTEMPTS, "outcome" => outcome).absolute(0);

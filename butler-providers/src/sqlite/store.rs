@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use butler_core::change::ChangeSet;
 use butler_core::config::{self, Config};
 use butler_core::definition::Definition;
+use butler_core::engine::metrics::STORE_COMMITS;
 use butler_core::model::{
     Analysis, AnalysisRun, ApiToken, ConfigOwner, Event, EventFilter, Id, NewAnalysis, NewRuns,
     NewToken, NewWorkflow, RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo,
@@ -157,7 +158,9 @@ impl SqliteStore {
     }
 
     async fn commit(&self, tx: SqliteTransaction<'static>, doing: &str) -> Result<()> {
-        tx.commit().await.map_err(|e| self.fail(doing, e))
+        tx.commit().await.map_err(|e| self.fail(doing, e))?;
+        metrics::counter!(STORE_COMMITS).increment(1);
+        Ok(())
     }
 
     fn corrupt(&self, what: &str, source: BoxError) -> Error {
