@@ -444,10 +444,11 @@ pub async fn shell(args: &Args) -> anyhow::Result<Vec<Figure>> {
     )
     .await?;
     let tasks = count * 3;
-    // The floor: the same processes spawned directly, two at a time.
+    // The floor: the same processes spawned directly, two at a time, the shell named by its
+    // path as the executor names it.
     let cpu = cpu::this_process();
     let floor = two_at_a_time(tasks, |_| async {
-        tokio::process::Command::new("sh")
+        tokio::process::Command::new("/bin/sh")
             .args(["-c", "true"])
             .status()
             .await?;

@@ -101,6 +101,11 @@ impl Executor for LocalExecutor {
     }
 }
 
+/// The shell that runs every command, by absolute path as `system(3)` runs it: a name would be
+/// looked up along `PATH` at every spawn, one failed `execve` per directory before it, and a
+/// task's own `PATH` could pick another shell.
+const SHELL: &str = "/bin/sh";
+
 /// The `sh -c` command of `attempt`, in a new process group, with both outputs going to `log`.
 fn command(
     attempt: &Attempt,
@@ -109,7 +114,7 @@ fn command(
     stdout: File,
     stderr: File,
 ) -> Command {
-    let mut cmd = Command::new("sh");
+    let mut cmd = Command::new(SHELL);
     cmd.arg("-c")
         .arg(&attempt.command)
         .current_dir(workdir)

@@ -145,6 +145,30 @@ async fn task_env_is_passed_and_butler_variables_win() {
 }
 
 #[tokio::test]
+async fn a_task_path_without_a_shell_still_runs_the_command() {
+    let home = tempfile::tempdir().unwrap();
+    let tools = tempfile::tempdir().unwrap();
+    let tool = tools.path().join("greet");
+    std::fs::write(&tool, "#!/bin/sh\necho greeted\n").unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut attempt = attempt(home.path(), "greet");
+    // A PATH of the task's own tools only: the shell is not looked up along it.
+    attempt
+        .env
+        .insert("PATH".into(), tools.path().to_string_lossy().into_owned());
+
+    let finished = execute(attempt).await;
+
+    assert_eq!(
+        finished.outcome,
+        Outcome::Exited { code: 0 },
+        "log: {}",
+        log(&finished)
+    );
+    assert_eq!(log(&finished), "greeted\n");
+}
+
+#[tokio::test]
 async fn command_runs_in_the_workdir() {
     let home = tempfile::tempdir().unwrap();
     let attempt = attempt(home.path(), "pwd -P; echo data > result.txt");
