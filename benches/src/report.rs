@@ -74,14 +74,133 @@ pub fn print(figures: &[Figure], json: bool) {
             ]
         })
         .collect();
+    print_table(&rows);
+}
+
+/// One figure as measured in each of several runs of its scenario.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Repeated {
+    pub scenario: String,
+    pub metric: String,
+    pub unit: String,
+    /// The figure of each run, in the order of the runs.
+    pub values: Vec<f64>,
+    /// Its limit in each run that measured one.
+    pub limits: Vec<f64>,
+    pub limit_is: Option<String>,
+}
+
+impl Repeated {
+    /// Adds one run's figure, as `butler-bench --json` prints it, to the figure of the same
+    /// scenario and metric in `figures`, or as a new one.
+    pub fn add(figures: &mut Vec<Repeated>, line: &str) -> anyhow::Result<()> {
+        let figure: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("a figure that is not JSON ({e}): {line}"))?;
+        let text = |key: &str| figure[key].as_str().map(str::to_owned);
+        let (Some(scenario), Some(metric), Some(unit), Some(value)) = (
+            text("scenario"),
+            text("metric"),
+            text("unit"),
+            figure["value"].as_f64(),
+        ) else {
+            anyhow::bail!("a figure without scenario, metric, unit or value: {line}");
+        };
+        let index = match figures
+            .iter()
+            .position(|f| f.scenario == scenario && f.metric == metric)
+        {
+            Some(index) => index,
+            None => {
+                figures.push(Repeated {
+                    scenario,
+                    metric,
+                    unit,
+                    values: Vec::new(),
+                    limits: Vec::new(),
+                    limit_is: text("limit_is"),
+                });
+                figures.len() - 1
+            }
+        };
+        let found = &mut figures[index];
+        found.values.push(value);
+        found.limits.extend(figure["limit"].as_f64());
+        Ok(())
+    }
+}
+
+/// Median, lowest and highest of `samples`, which must not be empty.
+fn spread(samples: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    (median, sorted[0], sorted[n - 1])
+}
+
+/// Prints figures measured in several runs: each value and limit as the median, with the
+/// lowest and highest beside it.
+pub fn print_repeated(figures: &[Repeated], json: bool) {
+    if json {
+        for f in figures {
+            let mut line = json!({
+                "scenario": f.scenario,
+                "metric": f.metric,
+                "unit": f.unit,
+                "runs": f.values.len(),
+            });
+            for (key, samples) in [("value", &f.values), ("limit", &f.limits)] {
+                if samples.is_empty() {
+                    continue;
+                }
+                let (median, low, high) = spread(samples);
+                line[key] = json!(round(median));
+                line[format!("{key}_min")] = json!(round(low));
+                line[format!("{key}_max")] = json!(round(high));
+            }
+            if let Some(what) = &f.limit_is {
+                line["limit_is"] = json!(what);
+            }
+            println!("{line}");
+        }
+        return;
+    }
+    let cell = |samples: &[f64], unit: &str| {
+        if samples.is_empty() {
+            return String::new();
+        }
+        let (median, low, high) = spread(samples);
+        format!("{} {unit} ({}–{})", round(median), round(low), round(high))
+    };
+    let rows: Vec<[String; 5]> = figures
+        .iter()
+        .map(|f| {
+            [
+                f.scenario.clone(),
+                f.metric.clone(),
+                cell(&f.values, &f.unit),
+                cell(&f.limits, &f.unit),
+                f.limit_is.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&rows);
+}
+
+/// Prints `rows` under the figures' header, each column as wide as its widest cell.
+fn print_table(rows: &[[String; 5]]) {
     let header = ["SCENARIO", "METRIC", "VALUE", "LIMIT", "LIMIT IS"].map(str::to_owned);
     let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    for row in std::iter::once(&header).chain(&rows) {
+    for row in std::iter::once(&header).chain(rows) {
         let cells: Vec<String> = row
             .iter()
             .zip(widths)
@@ -96,5 +215,36 @@ fn round(value: f64) -> f64 {
         value.round()
     } else {
         (value * 100.0).round() / 100.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_a_figure_come_together_with_their_median_and_range() {
+        let mut figures = Vec::new();
+        for (value, limit) in [(3.0, 10.0), (1.0, 12.0), (2.0, 11.0), (9.0, 9.0)] {
+            let line = json!({"scenario": "noop", "metric": "tasks", "value": value,
+                              "unit": "tasks/s", "limit": limit, "limit_is": "commits"});
+            Repeated::add(&mut figures, &line.to_string()).unwrap();
+            let other = json!({"scenario": "noop", "metric": "cpu", "value": 1.0, "unit": "us"});
+            Repeated::add(&mut figures, &other.to_string()).unwrap();
+        }
+        assert_eq!(figures.len(), 2);
+        assert_eq!(figures[0].metric, "tasks");
+        assert_eq!(figures[0].values, [3.0, 1.0, 2.0, 9.0]);
+        assert_eq!(spread(&figures[0].values), (2.5, 1.0, 9.0));
+        assert_eq!(spread(&figures[0].limits), (10.5, 9.0, 12.0));
+        assert_eq!(figures[1].limits, Vec::<f64>::new());
+    }
+
+    #[test]
+    fn a_line_that_is_no_figure_is_refused_and_shown() {
+        let err = Repeated::add(&mut Vec::new(), "preparing runs").unwrap_err();
+        assert!(err.to_string().contains("preparing runs"), "{err}");
+        let err = Repeated::add(&mut Vec::new(), r#"{"scenario": "noop"}"#).unwrap_err();
+        assert!(err.to_string().contains("without"), "{err}");
     }
 }

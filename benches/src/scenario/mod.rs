@@ -44,6 +44,35 @@ pub struct Args {
     /// Run them with this RabbitMQ queue (under a prefix of its own) instead of the store's.
     #[arg(long, value_name = "amqp://…")]
     pub queue: Option<String>,
+    /// Run the scenario this many times, each in a fresh process, one after the other, and
+    /// print each figure's median with the lowest and highest value.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
+}
+
+impl Args {
+    /// The arguments that run the same scenario once, printing JSON.
+    pub fn once_as_json(&self) -> Vec<String> {
+        let name = |value: Option<clap::builder::PossibleValue>| {
+            value.map(|v| v.get_name().to_owned()).unwrap_or_default()
+        };
+        let mut args = vec![
+            name(self.scenario.to_possible_value()),
+            "--json".to_owned(),
+            "--durability".to_owned(),
+            name(self.durability.to_possible_value()),
+        ];
+        for (flag, value) in [
+            ("--size", self.size.map(|n| n.to_string())),
+            ("--db", self.db.clone()),
+            ("--queue", self.queue.clone()),
+        ] {
+            if let Some(value) = value {
+                args.extend([flag.to_owned(), value]);
+            }
+        }
+        args
+    }
 }
 
 /// Benchmark scenarios.
