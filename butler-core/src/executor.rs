@@ -51,7 +51,7 @@ pub struct Attempt {
     pub task_id: String,
     /// Which try this is, starting at 1.
     pub try_number: u32,
-    /// The shell command, already rendered; run with `sh -c`.
+    /// The shell command, already rendered; run with `/bin/sh -c`.
     pub command: String,
     /// The task's environment; the executor adds the `BUTLER_*` variables to it.
     pub env: BTreeMap<String, String>,

@@ -222,7 +222,7 @@ async fn check_queue<W: Write>(
     }
 }
 
-/// Runs `sh -c true` as a task attempt would run, in a scratch directory.
+/// Runs `/bin/sh -c true` as a task attempt would run, in a scratch directory.
 async fn check_executor<W: Write>(report: &mut Report<'_, W>) -> Result<()> {
     let workdir = std::env::temp_dir().join(format!("butler-doctor-{}", std::process::id()));
     let attempt = Attempt {
@@ -241,7 +241,7 @@ async fn check_executor<W: Write>(report: &mut Report<'_, W>) -> Result<()> {
         .await;
     let _ = std::fs::remove_dir_all(&workdir);
     let fix = format!(
-        "Fix: check that `sh` is on PATH and that {} is writable",
+        "Fix: check that /bin/sh runs and that {} is writable",
         std::env::temp_dir().display()
     );
     match result {
@@ -249,19 +249,19 @@ async fn check_executor<W: Write>(report: &mut Report<'_, W>) -> Result<()> {
             Status::Ok,
             "executor",
             format!(
-                "`sh -c true` ran as a task attempt in {}",
+                "`/bin/sh -c true` ran as a task attempt in {}",
                 output::duration(started.elapsed())
             ),
         ),
         Ok(finished) => report.line(
             Status::Fail,
             "executor",
-            format!("`sh -c true` ended with {}. {fix}", finished.outcome),
+            format!("`/bin/sh -c true` ended with {}. {fix}", finished.outcome),
         ),
         Err(err) => report.line(
             Status::Fail,
             "executor",
-            format!("cannot run `sh -c true`: {err}. {fix}"),
+            format!("cannot run `/bin/sh -c true`: {err}. {fix}"),
         ),
     }
 }

@@ -17,8 +17,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-/// Runs each attempt as `sh -c <command>` in a process group of its own, so a timeout or a
-/// cancel kills the command and every process it started.
+/// Runs each attempt as `/bin/sh -c <command>` (a command too long for one argument from a
+/// file, [`SCRIPT_FILE`]) in a process group of its own, so a timeout or a cancel kills the
+/// command and every process it started.
 ///
 /// It follows the [`Executor`] contract; the log is opened once in append mode and shared by
 /// stdout and stderr, so their lines land in the order the command wrote them.
@@ -53,6 +54,14 @@ impl Executor for LocalExecutor {
         })?;
         fs::write(&config_path, config)
             .map_err(|e| setup_error("cannot write the attempt's config", &config_path, e))?;
+        let script = if attempt.command.len() > LONGEST_ARGUMENT {
+            let path = workdir.join(SCRIPT_FILE);
+            fs::write(&path, &attempt.command)
+                .map_err(|e| setup_error("cannot write the attempt's command", &path, e))?;
+            Some(path)
+        } else {
+            None
+        };
         let log_path = workdir.join(LOG_FILE);
         let log = OpenOptions::new()
             .create(true)
@@ -72,12 +81,21 @@ impl Executor for LocalExecutor {
         }
 
         let started = Instant::now();
-        let child = match command(&attempt, &workdir, &config_path, log_for_stdout, log).spawn() {
+        let shell = command(
+            &attempt,
+            script.as_deref(),
+            &workdir,
+            &config_path,
+            log_for_stdout,
+            log,
+        )
+        .spawn();
+        let child = match shell {
             Ok(child) => child,
             Err(e) => {
                 return Ok(Finished {
                     outcome: Outcome::FailedToStart {
-                        reason: format!("cannot run `sh -c` in {}: {e}", workdir.display()),
+                        reason: format!("cannot run {SHELL} in {}: {e}", workdir.display()),
                     },
                     log_path,
                     duration: started.elapsed(),
@@ -106,18 +124,30 @@ impl Executor for LocalExecutor {
 /// task's own `PATH` could pick another shell.
 const SHELL: &str = "/bin/sh";
 
-/// The `sh -c` command of `attempt`, in a new process group, with both outputs going to `log`.
+/// The longest command passed to the shell as an argument. Linux refuses to start a program
+/// given one argument over 128 KiB (`MAX_ARG_STRLEN`), and a template that lists a few thousand
+/// samples' files renders more; a longer command is run from [`SCRIPT_FILE`] instead.
+const LONGEST_ARGUMENT: usize = 64 * 1024;
+
+/// Name of the file in an attempt's directory that holds a command over [`LONGEST_ARGUMENT`].
+pub const SCRIPT_FILE: &str = "command.sh";
+
+/// The shell command of `attempt` in a new process group, with both outputs going to `log`:
+/// `sh -c COMMAND`, or `sh SCRIPT` when the command was written to `script`.
 fn command(
     attempt: &Attempt,
+    script: Option<&Path>,
     workdir: &Path,
     config_path: &Path,
     stdout: File,
     stderr: File,
 ) -> Command {
     let mut cmd = Command::new(SHELL);
-    cmd.arg("-c")
-        .arg(&attempt.command)
-        .current_dir(workdir)
+    match script {
+        Some(script) => cmd.arg(script),
+        None => cmd.arg("-c").arg(&attempt.command),
+    };
+    cmd.current_dir(workdir)
         .envs(&attempt.env)
         .env("BUTLER_RUN_ID", attempt.run_id.to_string())
         .env("BUTLER_TASK_ID", &attempt.task_id)

@@ -2,4 +2,4 @@
 
 mod executor;
 
-pub use executor::LocalExecutor;
+pub use executor::{LocalExecutor, SCRIPT_FILE};

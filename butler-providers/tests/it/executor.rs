@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use butler_core::executor::{
     Attempt, CONFIG_FILE, CancellationToken, Executor, Finished, LOG_FILE, Outcome, attempt_dir,
 };
-use butler_providers::local::LocalExecutor;
+use butler_providers::local::{LocalExecutor, SCRIPT_FILE};
 use serde_json::json;
 
 fn attempt(home: &Path, command: &str) -> Attempt {
@@ -166,6 +166,43 @@ async fn a_task_path_without_a_shell_still_runs_the_command() {
         log(&finished)
     );
     assert_eq!(log(&finished), "greeted\n");
+}
+
+#[tokio::test]
+async fn a_command_too_long_for_an_argument_runs_from_a_script_file() {
+    let home = tempfile::tempdir().unwrap();
+    // Linux refuses a single argument over 128 KiB; this one is 260 KB.
+    let files: Vec<String> = (0..20_000).map(|i| format!("S{i:07}.bam")).collect();
+    let command = format!(
+        "set -- {}; echo \"$# files, the last ${{20000}}\"",
+        files.join(" ")
+    );
+    assert!(command.len() > 128 * 1024);
+    let attempt = attempt(home.path(), &command);
+    let script = attempt.workdir.join(SCRIPT_FILE);
+
+    let finished = execute(attempt).await;
+
+    assert_eq!(
+        finished.outcome,
+        Outcome::Exited { code: 0 },
+        "log: {}",
+        log(&finished)
+    );
+    assert_eq!(log(&finished), "20000 files, the last S0019999.bam\n");
+    assert_eq!(std::fs::read_to_string(script).unwrap(), command);
+}
+
+#[tokio::test]
+async fn a_short_command_leaves_no_script_file() {
+    let home = tempfile::tempdir().unwrap();
+    let attempt = attempt(home.path(), "echo short");
+    let script = attempt.workdir.join(SCRIPT_FILE);
+
+    let finished = execute(attempt).await;
+
+    assert_eq!(log(&finished), "short\n");
+    assert!(!script.exists());
 }
 
 #[tokio::test]
