@@ -49,6 +49,9 @@ pub enum Command {
     PrintEffectiveConfig(PrintEffectiveConfig),
     /// Print a stored config by its id.
     PrintConfig(PrintConfig),
+    /// Print the commands a run's tasks run: each task's templates rendered with the run's
+    /// effective config, as its attempts get them.
+    PrintCommands(PrintCommands),
     /// Run every unfinished run in this process until all have finished; resumes an
     /// interrupted `launch-workflow --wait`.
     Wait(Wait),
@@ -270,6 +273,20 @@ pub struct PrintConfig {
     /// The config's id (a UUID, as printed by list-workflows and list-analyses).
     #[arg(short = 'c', long = "config", value_name = "CONFIG_ID")]
     pub config: String,
+}
+
+/// Arguments of `print-commands`.
+#[derive(Debug, Args)]
+pub struct PrintCommands {
+    /// The run.
+    #[arg(short = 'r', long = "run", value_name = "RUN_ID")]
+    pub run: Id,
+    /// Only this task.
+    #[arg(short = 't', long = "task", value_name = "TASK")]
+    pub task: Option<String>,
+    /// Print a JSON array of {task, command, env}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `--slots` of the commands that run workers.

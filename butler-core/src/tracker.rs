@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::change::ChangeSet;
 use crate::config::{self, Config, Provenance};
-use crate::definition::Definition;
+use crate::definition::{Definition, RenderedTask};
 use crate::engine::control::{self, ResetScope};
 use crate::error::{Error, Result};
 use crate::model::{
@@ -183,6 +183,25 @@ impl Tracker {
             &own.data,
             &effective.data,
         ))
+    }
+
+    /// The tasks of run `run_id` as its attempts run them: each task's templates rendered
+    /// against the run's effective config, in definition order; only task `task` when given.
+    pub async fn commands(&self, run_id: Id, task: Option<&str>) -> Result<Vec<RenderedTask>> {
+        let run = self.store.get_run(run_id).await?;
+        let workflow = self.store.get_workflow(run.workflow_id).await?;
+        let effective = self.store.get_config(run.effective_config_id).await?;
+        let renderer = workflow.definition.renderer()?;
+        match task {
+            None => renderer.render(&effective.data),
+            Some(task) => match renderer.render_task(task, &effective.data)? {
+                Some(rendered) => Ok(vec![rendered]),
+                None => Err(Error::not_found(
+                    crate::Kind::Task,
+                    format!("{task} of run {run_id}"),
+                )),
+            },
+        }
     }
 
     /// Run `run_id` with its tasks in definition order.

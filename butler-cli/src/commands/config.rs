@@ -6,10 +6,10 @@ use anyhow::{Result, anyhow, bail};
 use butler_core::config as layers;
 use butler_core::model::ConfigOwner;
 use butler_core::tracker::Tracker;
-use serde_json::Value;
+use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::opt::{PrintConfig, PrintEffectiveConfig, UpdateConfig};
+use crate::opt::{PrintCommands, PrintConfig, PrintEffectiveConfig, UpdateConfig};
 use crate::output::{Table, print_json};
 
 /// Replaces a workflow's or an analysis's config layer and prints the new config id.
@@ -73,5 +73,29 @@ pub async fn print(tracker: &Tracker, args: PrintConfig, out: &mut impl Write) -
     })?;
     let config = tracker.store().get_config(id).await?;
     print_json(out, &config.data)?;
+    Ok(())
+}
+
+/// Prints the commands of a run's tasks, each under its task's id with its extra environment,
+/// or with `--json` as an array of {task, command, env}.
+pub async fn commands(tracker: &Tracker, args: PrintCommands, out: &mut impl Write) -> Result<()> {
+    let tasks = tracker.commands(args.run, args.task.as_deref()).await?;
+    if args.json {
+        let tasks = tasks
+            .into_iter()
+            .map(|t| json!({"task": t.id, "command": t.command, "env": t.env}))
+            .collect();
+        return Ok(print_json(out, &Value::Array(tasks))?);
+    }
+    for (n, task) in tasks.iter().enumerate() {
+        if n > 0 {
+            writeln!(out)?;
+        }
+        writeln!(out, "== {}", task.id)?;
+        for (name, value) in &task.env {
+            writeln!(out, "env {name}={value}")?;
+        }
+        writeln!(out, "{}", task.command.trim_end_matches('\n'))?;
+    }
     Ok(())
 }

@@ -75,6 +75,9 @@ async fn dispatch(settings: &Settings, command: Command) -> Result<()> {
             config::effective(&settings.tracker().await?, args, out).await?
         }
         Command::PrintConfig(args) => config::print(&settings.tracker().await?, args, out).await?,
+        Command::PrintCommands(args) => {
+            config::commands(&settings.tracker().await?, args, out).await?
+        }
         Command::Wait(args) => engine::wait(settings, &settings.connect().await?, args).await?,
         Command::Server(args) => engine::server(settings, &settings.connect().await?, args).await?,
         Command::Scheduler => engine::scheduler(settings, &settings.connect().await?).await?,

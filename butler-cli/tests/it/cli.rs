@@ -53,6 +53,7 @@ fn help_lists_butlers_commands() {
         "get-run-count",
         "print-effective-config",
         "print-config",
+        "print-commands",
         "wait",
         "server",
         "worker",

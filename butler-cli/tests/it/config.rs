@@ -1,4 +1,4 @@
-//! `update-config`, `print-effective-config` and `print-config`.
+//! `update-config`, `print-effective-config`, `print-config` and `print-commands`.
 
 use serde_json::json;
 
@@ -219,4 +219,59 @@ fn print_config_rejects_malformed_and_unknown_ids() {
         stderr.contains("config 67e55044-10b1-426f-9247-bb680e5fe0c8 not found"),
         "{stderr}"
     );
+}
+
+/// A workflow whose two tasks template their commands and environment from every layer.
+const ALIGN_AND_CALL: &str = r#"
+[[tasks]]
+id = "align"
+run = "bwa mem -t {{ config.threads }} {{ config.reference }} {{ config.sample }}.fq"
+env = { SAMPLE = "{{ config.sample }}" }
+[[tasks]]
+id = "call"
+needs = ["align"]
+run = """
+for chr in {% for c in config.chromosomes %}{{ c }} {% endfor %}; do
+  call --chr $chr {{ config.sample }}.bam
+done
+"""
+"#;
+
+#[test]
+fn print_commands_renders_each_task_with_the_runs_effective_config() {
+    let sandbox = Sandbox::new();
+    let workflow = sandbox.workflow(
+        "calls",
+        ALIGN_AND_CALL,
+        &json!({"threads": 4, "reference": "hg38.fa", "chromosomes": ["chr1", "chr2"]}),
+    );
+    let analysis = sandbox.analysis(&json!({"threads": 8}));
+    let run = sandbox.write("runs/s1.json", r#"{"sample": "S1"}"#);
+    let ids = sandbox.launch(workflow, analysis, &run);
+    let id = ids[0].to_string();
+
+    let text = sandbox.ok(&["print-commands", "-r", &id]).stdout;
+    assert_eq!(
+        text,
+        "== align\nenv SAMPLE=S1\nbwa mem -t 8 hg38.fa S1.fq\n\n== call\n\
+         for chr in chr1 chr2 ; do\n  call --chr $chr S1.bam\ndone\n"
+    );
+
+    let one = sandbox.ok(&["print-commands", "-r", &id, "-t", "align", "--json"]);
+    assert_eq!(
+        one.json(),
+        json!([{"task": "align", "command": "bwa mem -t 8 hg38.fa S1.fq",
+                "env": {"SAMPLE": "S1"}}])
+    );
+}
+
+#[test]
+fn print_commands_names_an_unknown_run_or_task() {
+    let sandbox = Sandbox::new();
+    hello_runs(&sandbox);
+    let err = sandbox.fail(&["print-commands", "-r", "1", "-t", "nope"]);
+    assert!(err.contains("task nope of run 1 not found"), "{err}");
+    assert!(err.contains("butler run-status"), "{err}");
+    let err = sandbox.fail(&["print-commands", "-r", "99"]);
+    assert!(err.contains("run 99 not found"), "{err}");
 }
