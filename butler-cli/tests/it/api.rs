@@ -361,6 +361,16 @@ fn runs_are_paged_filtered_counted_and_inspected_with_their_logs() {
         );
     }
 
+    // The commands its tasks run, rendered with that config.
+    assert_eq!(
+        api.json("/api/runs/1/commands"),
+        json!([{"task": "say", "command": "echo 'run 1'", "env": {}}])
+    );
+    assert_eq!(
+        api.get("/api/runs/999/commands").status(),
+        StatusCode::NOT_FOUND
+    );
+
     // Logs: the latest attempt by default, from an offset, with what the attempt is.
     let log = api.get("/api/runs/1/logs/say");
     assert_eq!(log.status(), StatusCode::OK);
@@ -716,6 +726,7 @@ fn the_openapi_document_covers_every_route_and_no_auth_needs_no_token() {
         "/api/runs/{id}",
         "/api/runs/{id}/events",
         "/api/runs/{id}/config",
+        "/api/runs/{id}/commands",
         "/api/runs/{id}/logs/{task}",
         "/api/runs/{id}/reset",
         "/api/runs/{id}/cancel",

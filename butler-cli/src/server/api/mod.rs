@@ -65,6 +65,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::get))
         .routes(routes!(runs::events))
         .routes(routes!(runs::config))
+        .routes(routes!(runs::commands))
         .routes(routes!(runs::reset))
         .routes(routes!(runs::cancel))
         .routes(routes!(logs::get))

@@ -1,6 +1,8 @@
 //! `/api/runs` and `/api/launch`: launch runs, page through them, count them, and show, reset
 //! or cancel one with its tasks, events and config.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -610,6 +612,48 @@ pub async fn config(
             })
             .collect(),
     }))
+}
+
+/// One task's command and extra environment, rendered with its run's effective config.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskCommand {
+    /// The task's id.
+    pub task: String,
+    /// The shell command its attempts run (for a Python task, its `module:function`).
+    pub command: String,
+    /// The variables its attempts get besides Butler's own.
+    pub env: BTreeMap<String, String>,
+}
+
+/// The commands a run's tasks run: each task's templates rendered with the run's effective
+/// config, in definition order.
+#[utoipa::path(
+    get,
+    path = "/runs/{id}/commands",
+    operation_id = "get_run_commands",
+    tag = "runs",
+    params(("id" = i64, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "Each task's command and environment", body = Vec<TaskCommand>),
+        (status = 404, description = "No such run", body = ErrorBody),
+    ),
+)]
+pub async fn commands(
+    State(state): State<AppState>,
+    PathParams(id): PathParams<String>,
+) -> Result<Json<Vec<TaskCommand>>, ApiError> {
+    let id = path_id("run", &id)?;
+    let tasks = state.tracker.commands(id, None).await?;
+    Ok(Json(
+        tasks
+            .into_iter()
+            .map(|t| TaskCommand {
+                task: t.id,
+                command: t.command,
+                env: t.env,
+            })
+            .collect(),
+    ))
 }
 
 /// Puts a finished run back to `ready`, so the scheduler runs again the tasks that did not
