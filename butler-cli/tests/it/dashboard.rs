@@ -359,6 +359,11 @@ fn pages_render_and_a_read_only_token_sees_no_buttons() {
             "{expected} not in {provenance:.300}"
         );
     }
+    let commands = strip_tags(&failed[failed.find("id=\"commands\"").expect("commands")..]);
+    assert!(
+        commands.contains("fail echo about to fail on gamma; exit 3"),
+        "the rendered command is not in {commands:.300}"
+    );
     let hello = page(
         &scene,
         &scene.secret,

@@ -1,6 +1,7 @@
 //! `/runs/{id}`: one run — its status and times, its DAG with each task's state, a timeline
 //! of its attempts, the log of one attempt (followed live while it runs), its event history,
-//! and its effective config with the layer each key came from.
+//! its effective config with the layer each key came from, and each task's command rendered
+//! with it.
 
 use std::collections::HashMap;
 use std::io::SeekFrom;
@@ -116,6 +117,14 @@ struct KeyRow {
     value: String,
 }
 
+/// A task's command as its attempts run it, with its extra environment as `NAME=value`.
+#[derive(Debug, Serialize)]
+struct CommandRow {
+    task: String,
+    command: String,
+    env: Vec<String>,
+}
+
 #[derive(Debug, Serialize)]
 struct RunPage {
     run: Header,
@@ -128,6 +137,7 @@ struct RunPage {
     config: String,
     config_sha256: String,
     provenance: Vec<KeyRow>,
+    commands: Vec<CommandRow>,
     can_cancel: bool,
     can_reset: bool,
 }
@@ -275,6 +285,17 @@ async fn load(
         .collect();
     let config = serde_json::to_string_pretty(&effective.data)
         .unwrap_or_else(|_| effective.data.to_string());
+    let commands = workflow
+        .definition
+        .renderer()?
+        .render(&effective.data)?
+        .into_iter()
+        .map(|t| CommandRow {
+            task: t.id,
+            command: t.command,
+            env: t.env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        })
+        .collect();
 
     let finished = run.status.is_finished();
     Ok(RunPage {
@@ -303,6 +324,7 @@ async fn load(
         config,
         config_sha256: effective.sha256,
         provenance,
+        commands,
         can_cancel: can_write && !finished,
         can_reset: can_write && finished,
     })
