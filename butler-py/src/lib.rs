@@ -28,6 +28,7 @@ fn _butler(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event::Event>()?;
     m.add_class::<worker::Worker>()?;
     m.add("Provenance", run::provenance_class(py)?)?;
+    m.add("Command", run::command_class(py)?)?;
     m.add("ButlerError", py.get_type::<errors::ButlerError>())?;
     m.add("NotFoundError", py.get_type::<errors::NotFoundError>())?;
     m.add(

@@ -148,6 +148,22 @@ impl Run {
         Ok(list)
     }
 
+    /// Each task's `Command(task, command, env)`, in definition order: its templates rendered
+    /// with the effective config, as its attempts run them.
+    fn commands<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let (conn, id) = (self.conn.clone(), self.run.id);
+        let tasks = block_on(
+            py,
+            async move { conn.tracker().await?.commands(id, None).await },
+        )?;
+        let class = command_class(py)?;
+        let list = PyList::empty(py);
+        for task in tasks {
+            list.append(class.call1((task.id, task.command, task.env))?)?;
+        }
+        Ok(list)
+    }
+
     /// Its tasks in definition order, as stored now.
     #[getter]
     fn tasks(&self, py: Python<'_>) -> PyResult<Vec<Task>> {
@@ -313,21 +329,48 @@ pub(crate) fn run_id(obj: &Bound<'_, PyAny>) -> PyResult<Id> {
 /// `butler.Provenance`, a named tuple `(path, layer, value)`.
 static PROVENANCE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
+/// `butler.Command`, a named tuple `(task, command, env)`.
+static COMMAND: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
 /// The `Provenance` class, made on first use.
 pub(crate) fn provenance_class(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-    PROVENANCE
-        .get_or_try_init(py, || {
-            let namedtuple = py.import("collections")?.getattr("namedtuple")?;
-            let kwargs = pyo3::types::PyDict::new(py);
-            kwargs.set_item("module", "butler")?;
-            let class =
-                namedtuple.call(("Provenance", ("path", "layer", "value")), Some(&kwargs))?;
-            class.setattr(
-                "__doc__",
-                "Where one leaf of a run's effective config comes from: its dotted path, the \
-                 layer that set it (workflow, analysis, run or butler) and its value.",
-            )?;
-            Ok::<_, PyErr>(class.cast_into::<PyType>()?.unbind())
-        })
-        .map(|class| class.bind(py))
+    named_tuple(
+        py,
+        &PROVENANCE,
+        "Provenance",
+        &["path", "layer", "value"],
+        "Where one leaf of a run's effective config comes from: its dotted path, the layer \
+         that set it (workflow, analysis, run or butler) and its value.",
+    )
+}
+
+/// The `Command` class, made on first use.
+pub(crate) fn command_class(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    named_tuple(
+        py,
+        &COMMAND,
+        "Command",
+        &["task", "command", "env"],
+        "A task's command as its attempts run it: the task's id, its command rendered with the \
+         run's effective config, and its extra environment variables.",
+    )
+}
+
+/// The `collections.namedtuple` class `name` of module `butler`, made once into `cell`.
+fn named_tuple<'py>(
+    py: Python<'py>,
+    cell: &'py PyOnceLock<Py<PyType>>,
+    name: &str,
+    fields: &[&str],
+    doc: &str,
+) -> PyResult<&'py Bound<'py, PyType>> {
+    cell.get_or_try_init(py, || {
+        let namedtuple = py.import("collections")?.getattr("namedtuple")?;
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("module", "butler")?;
+        let class = namedtuple.call((name, fields.to_vec()), Some(&kwargs))?;
+        class.setattr("__doc__", doc)?;
+        Ok::<_, PyErr>(class.cast_into::<PyType>()?.unbind())
+    })
+    .map(|class| class.bind(py))
 }

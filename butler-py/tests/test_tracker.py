@@ -139,6 +139,10 @@ def test_launch_from_a_directory(client: butler.Client, hello) -> None:
     entry = run.explain()[0]
     assert isinstance(entry, butler.Provenance)
     assert (entry.path, entry.layer) == ("test_message", "run")
+    assert run.commands() == [("say", "echo 'Hello, world! - set by Analysis Run.'", {})]
+    command = run.commands()[0]
+    assert isinstance(command, butler.Command)
+    assert (command.task, command.env) == ("say", {})
     assert repr(run) == (
         f"Run(id=1, workflow_id=1, analysis_id=1, status='ready', "
         f"source_file='{HELLO / 'runs' / 'run-1.json'}', error=None)"

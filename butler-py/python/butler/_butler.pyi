@@ -12,6 +12,7 @@ __all__ = [
     "Analysis",
     "ButlerError",
     "Client",
+    "Command",
     "ConflictError",
     "Event",
     "InvalidInputError",
@@ -52,6 +53,13 @@ class Provenance(NamedTuple):
     path: str
     layer: str
     value: Any
+
+class Command(NamedTuple):
+    """A task's command as its attempts run it, rendered with the run's effective config."""
+
+    task: str
+    command: str
+    env: dict[str, str]
 
 def connect(
     db: _StrPath | None = None,
@@ -203,6 +211,7 @@ class Run:
     @property
     def events(self) -> list[Event]: ...
     def explain(self) -> list[Provenance]: ...
+    def commands(self) -> list[Command]: ...
     def logs(self, task: str | None = None) -> str: ...
     def output(self, task: str) -> Any: ...
     def refresh(self) -> Run: ...
