@@ -285,10 +285,9 @@ async fn load(
         .collect();
     let config = serde_json::to_string_pretty(&effective.data)
         .unwrap_or_else(|_| effective.data.to_string());
-    let commands = workflow
-        .definition
-        .renderer()?
-        .render(&effective.data)?
+    let commands = tracker
+        .commands(id, None)
+        .await?
         .into_iter()
         .map(|t| CommandRow {
             task: t.id,
