@@ -792,13 +792,25 @@ pub async fn count_runs_counts_per_status(store: &dyn RunStore) {
 }
 
 /// The counts follow one `apply` call that moves runs in several sets: a run moved twice in
-/// one set and again in a later set, a run moved by a refused set, each counted where it
-/// ends, as listing the runs finds them.
+/// one set and again in a later set, a run moved by a refused set, runs of two analyses, each
+/// counted where it ends, as listing the runs finds them.
 pub async fn count_runs_follow_every_change_of_a_call(store: &dyn RunStore) {
     let (workflow, analysis) = setup(store, "count-call").await;
-    let runs = launch(store, &workflow, &analysis, &samples("count-call", 4))
+    let other = store
+        .create_analysis(new_analysis(
+            &unique("count-call-other"),
+            Config::new(json!({})),
+        ))
+        .await
+        .expect("create_analysis");
+    let mut runs = launch(store, &workflow, &analysis, &samples("count-call", 4))
         .await
         .expect("launch");
+    runs.extend(
+        launch(store, &workflow, &other, &samples("count-call-other", 2))
+            .await
+            .expect("launch"),
+    );
     let change = |run: usize, expect, status| Change::Run(run_change(runs[run].id, expect, status));
     let applied = apply(
         store,
@@ -816,37 +828,54 @@ pub async fn count_runs_follow_every_change_of_a_call(store: &dyn RunStore) {
             vec![change(0, RunStatus::InProgress, RunStatus::Completed)],
             vec![change(1, RunStatus::Scheduled, RunStatus::Ready)],
             vec![change(3, RunStatus::Ready, RunStatus::Error)],
+            // The other analysis's runs, in the same call.
+            vec![
+                change(4, RunStatus::Ready, RunStatus::Completed),
+                change(5, RunStatus::Ready, RunStatus::Completed),
+            ],
         ],
     )
     .await;
-    assert_eq!(applied, [true, true, false, true, true, true]);
-    let counts = store
-        .count_runs(&RunFilter {
-            analysis_id: Some(analysis.id),
-            ..RunFilter::default()
-        })
-        .await
-        .expect("count");
-    let mut listed: BTreeMap<RunStatus, u64> = BTreeMap::new();
-    for run in store
-        .list_runs(&RunFilter {
-            analysis_id: Some(analysis.id),
-            ..RunFilter::default()
-        })
-        .await
-        .expect("list")
-    {
-        *listed.entry(run.status).or_default() += 1;
+    assert_eq!(applied, [true, true, false, true, true, true, true]);
+    for (of, expected) in [
+        (
+            RunFilter {
+                analysis_id: Some(analysis.id),
+                ..RunFilter::default()
+            },
+            vec![
+                (RunStatus::Ready, 2),
+                (RunStatus::Completed, 1),
+                (RunStatus::Error, 1),
+            ],
+        ),
+        (
+            RunFilter {
+                analysis_id: Some(other.id),
+                ..RunFilter::default()
+            },
+            vec![(RunStatus::Completed, 2)],
+        ),
+        (
+            RunFilter {
+                workflow_id: Some(workflow.id),
+                ..RunFilter::default()
+            },
+            vec![
+                (RunStatus::Ready, 2),
+                (RunStatus::Completed, 3),
+                (RunStatus::Error, 1),
+            ],
+        ),
+    ] {
+        let counts = store.count_runs(&of).await.expect("count");
+        let mut listed: BTreeMap<RunStatus, u64> = BTreeMap::new();
+        for run in store.list_runs(&of).await.expect("list") {
+            *listed.entry(run.status).or_default() += 1;
+        }
+        assert_eq!(counts, listed, "the counts are the runs as listed");
+        assert_eq!(counts.into_iter().collect::<Vec<_>>(), expected);
     }
-    assert_eq!(counts, listed, "the counts are the runs as listed");
-    assert_eq!(
-        counts.into_iter().collect::<Vec<_>>(),
-        vec![
-            (RunStatus::Ready, 2),
-            (RunStatus::Completed, 1),
-            (RunStatus::Error, 1)
-        ]
-    );
 }
 
 /// `count_active_tasks` counts the tasks of unfinished runs per state.

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use butler_core::engine::metrics::STORE_COMMITS;
 use butler_core::{Error, Result};
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 use sqlx::SqlitePool;
 use tokio::sync::oneshot;
@@ -297,6 +298,10 @@ impl Writer {
         let setup = || -> rusqlite::Result<()> {
             conn.pragma_update(None, "synchronous", target.synchronous)?;
             conn.pragma_update(None, "foreign_keys", true)?;
+            // The engine's writes keep the run counts per transaction themselves
+            // (`store/engine/apply.rs`) rather than by the per-row trigger that every other
+            // connection fires; nothing else this connection writes has a trigger.
+            conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, false)?;
             // A statement that may fail halfway journals the pages it changes: in memory, not
             // in a temporary file.
             conn.pragma_update(None, "temp_store", "MEMORY")?;

@@ -4,7 +4,7 @@
 //! Commands leave traces (lines in files, marker arguments in `/proc`) that the tests read, and
 //! every claim about timing is checked against the times the store recorded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use butler_core::definition::{Definition, Format};
 use butler_core::engine::control::ResetScope;
 use butler_core::engine::{Engine, EngineOptions};
 use butler_core::executor::{DynExecutor, LOG_FILE, attempt_dir};
-use butler_core::model::{AnalysisRun, Event, Id, RunStatus, TaskInstance, TaskState};
+use butler_core::model::{AnalysisRun, Event, Id, RunFilter, RunStatus, TaskInstance, TaskState};
 use butler_core::tracker::{RunSource, Tracker};
 use butler_providers::connect::{Backends, connect};
 use butler_providers::local::LocalExecutor;
@@ -56,6 +56,19 @@ impl Harness {
 
     fn home(&self) -> &Path {
         self.home.path()
+    }
+
+    /// Asserts that the store's run counts (which the engine's writes keep per transaction)
+    /// are the runs as listed, per status.
+    async fn assert_counts_are_the_runs(&self) {
+        let filter = RunFilter::default();
+        let store = &self.backends.store;
+        let counts = store.count_runs(&filter).await.expect("count runs");
+        let mut listed = BTreeMap::new();
+        for run in store.list_runs(&filter).await.expect("list runs") {
+            *listed.entry(run.status).or_insert(0u64) += 1;
+        }
+        assert_eq!(counts, listed, "the run counts are the runs as listed");
     }
 
     /// Options for an engine of `slots` worker slots that schedules, with test timings.
@@ -686,6 +699,7 @@ async fn reset_reruns_failed_tasks_only_then_everything() {
     assert_eq!(h.lines("a.count").len(), 2);
     assert_eq!(h.lines("c.count").len(), 2);
     engine.stop().await.expect("the engine stops");
+    h.assert_counts_are_the_runs().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -915,6 +929,7 @@ async fn restarted_engine_finishes_every_run_without_recording_twice() {
         let (_, tasks) = h.run(id).await;
         assert!(tasks.values().all(|t| t.state == TaskState::Succeeded));
     }
+    h.assert_counts_are_the_runs().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
