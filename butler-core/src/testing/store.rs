@@ -837,36 +837,22 @@ pub async fn count_runs_follow_every_change_of_a_call(store: &dyn RunStore) {
     )
     .await;
     assert_eq!(applied, [true, true, false, true, true, true, true]);
+    let of_analysis = |id| RunFilter {
+        analysis_id: Some(id),
+        ..RunFilter::default()
+    };
+    let of_workflow = RunFilter {
+        workflow_id: Some(workflow.id),
+        ..RunFilter::default()
+    };
+    use RunStatus::{Completed, Error, Ready};
     for (of, expected) in [
         (
-            RunFilter {
-                analysis_id: Some(analysis.id),
-                ..RunFilter::default()
-            },
-            vec![
-                (RunStatus::Ready, 2),
-                (RunStatus::Completed, 1),
-                (RunStatus::Error, 1),
-            ],
+            of_analysis(analysis.id),
+            vec![(Ready, 2), (Completed, 1), (Error, 1)],
         ),
-        (
-            RunFilter {
-                analysis_id: Some(other.id),
-                ..RunFilter::default()
-            },
-            vec![(RunStatus::Completed, 2)],
-        ),
-        (
-            RunFilter {
-                workflow_id: Some(workflow.id),
-                ..RunFilter::default()
-            },
-            vec![
-                (RunStatus::Ready, 2),
-                (RunStatus::Completed, 3),
-                (RunStatus::Error, 1),
-            ],
-        ),
+        (of_analysis(other.id), vec![(Completed, 2)]),
+        (of_workflow, vec![(Ready, 2), (Completed, 3), (Error, 1)]),
     ] {
         let counts = store.count_runs(&of).await.expect("count");
         let mut listed: BTreeMap<RunStatus, u64> = BTreeMap::new();
