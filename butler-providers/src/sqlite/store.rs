@@ -658,8 +658,9 @@ impl RunStore for SqliteStore {
                 return Err(Error::not_found(Kind::Analysis, id));
             }
         }
-        // Triggers keep `run_counts` per workflow, analysis and status (migration 0006), so
-        // this sums a few rows however many runs there are.
+        // `run_counts` holds the runs per workflow, analysis and status, kept by triggers
+        // (migration 0006) and by the engine's writes (`store/engine/apply.rs`), so this sums
+        // a few rows however many runs there are.
         let mut sql = "SELECT status, sum(n) FROM run_counts".to_owned();
         match (filter.workflow_id, filter.analysis_id) {
             (Some(_), Some(_)) => sql.push_str(" WHERE workflow_id = ? AND analysis_id = ?"),

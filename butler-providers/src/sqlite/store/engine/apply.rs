@@ -6,8 +6,8 @@
 //! thread holds, so the rows read stay as read until they are written, and a call of a thousand
 //! sets is one handoff to that thread and back, like a call of one.
 //!
-//! The writer's connection fires no triggers, so this keeps `run_counts` itself: one upsert per
-//! workflow, analysis and status whose count the call changed, where the trigger that other
+//! The writer's connection fires no triggers, so this keeps `run_counts` itself: one statement
+//! per workflow, analysis and status whose count the call changed, where the trigger that other
 //! connections fire (migration 0008) runs three statements for every run that changes status,
 //! a third of the cost of writing the run.
 
