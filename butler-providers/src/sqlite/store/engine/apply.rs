@@ -169,7 +169,9 @@ fn count(conn: &Connection, rows: &Rows<'_>, counted: &Counted, cx: Context<'_>)
             .prepare_cached(ADD_TO_COUNT)
             .and_then(|mut statement| statement.execute(key))
             .map_err(|e| cx.fail(&e))?;
-        if added == 0 {
+        // Runs leaving a count that has no row were not counted (the row was deleted by hand):
+        // nothing to take away, as the trigger does.
+        if added == 0 && n > 0 {
             conn.prepare_cached(INSERT_COUNT)
                 .and_then(|mut statement| statement.execute(key))
                 .map_err(|e| cx.fail(&e))?;
@@ -484,5 +486,35 @@ mod tests {
             .collect();
         assert_eq!(logged, expected);
         assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    }
+
+    #[tokio::test]
+    async fn runs_leaving_a_count_deleted_by_hand_still_move_and_are_counted_where_they_go() {
+        let (store, tasks) = launched(3).await;
+        sqlx::query("DELETE FROM run_counts")
+            .execute(store.pool())
+            .await
+            .expect("delete the counts");
+        let take = |task: &TaskInstance| {
+            vec![Change::Run(run_change(
+                task.run_id,
+                RunStatus::Ready,
+                RunStatus::Scheduled,
+            ))]
+        };
+        let applied = store
+            .apply(tasks.iter().take(2).map(take).collect())
+            .await
+            .expect("apply");
+        assert_eq!(applied, [true, true]);
+        let counts = store
+            .count_runs(&butler_core::model::RunFilter::default())
+            .await
+            .expect("count");
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            [(RunStatus::Scheduled, 2)],
+            "the ready run left uncounted stays so; the moved ones are counted"
+        );
     }
 }
