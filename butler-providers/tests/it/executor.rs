@@ -34,6 +34,17 @@ fn log(finished: &Finished) -> String {
     std::fs::read_to_string(&finished.log_path).expect("the log exists")
 }
 
+/// Asserts that the attempt exited with 0 and logged `expected` (its log shows if it did not).
+fn assert_exited_zero_logging(finished: &Finished, expected: &str) {
+    let logged = log(finished);
+    assert_eq!(
+        finished.outcome,
+        Outcome::Exited { code: 0 },
+        "log: {logged}"
+    );
+    assert_eq!(logged, expected);
+}
+
 /// Command lines of the live processes whose command line contains `marker`.
 fn processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -82,10 +93,9 @@ async fn echo_output_lands_in_the_log() {
 
     let finished = execute(attempt).await;
 
-    assert_eq!(finished.outcome, Outcome::Exited { code: 0 });
+    assert_exited_zero_logging(&finished, "hello\nworld\n");
     assert!(finished.outcome.succeeded());
     assert_eq!(finished.log_path, workdir.join(LOG_FILE));
-    assert_eq!(log(&finished), "hello\nworld\n");
 }
 
 #[tokio::test]
@@ -159,13 +169,7 @@ async fn a_task_path_without_a_shell_still_runs_the_command() {
 
     let finished = execute(attempt).await;
 
-    assert_eq!(
-        finished.outcome,
-        Outcome::Exited { code: 0 },
-        "log: {}",
-        log(&finished)
-    );
-    assert_eq!(log(&finished), "greeted\n");
+    assert_exited_zero_logging(&finished, "greeted\n");
 }
 
 #[tokio::test]
@@ -183,13 +187,7 @@ async fn a_command_too_long_for_an_argument_runs_from_a_script_file() {
 
     let finished = execute(attempt).await;
 
-    assert_eq!(
-        finished.outcome,
-        Outcome::Exited { code: 0 },
-        "log: {}",
-        log(&finished)
-    );
-    assert_eq!(log(&finished), "20000 files, the last S0019999.bam\n");
+    assert_exited_zero_logging(&finished, "20000 files, the last S0019999.bam\n");
     assert_eq!(std::fs::read_to_string(script).unwrap(), command);
 }
 
@@ -281,8 +279,7 @@ async fn background_jobs_do_not_outlive_a_finished_command() {
 
     let finished = execute(attempt(home.path(), "sleep 32.5 & echo started")).await;
 
-    assert_eq!(finished.outcome, Outcome::Exited { code: 0 });
-    assert_eq!(log(&finished), "started\n");
+    assert_exited_zero_logging(&finished, "started\n");
     assert_no_process_with("32.5").await;
 }
 
