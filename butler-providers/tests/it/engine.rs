@@ -640,6 +640,7 @@ async fn cancel_kills_the_running_attempt_and_cancels_what_follows() {
     assert_eq!(after_cancel[0].by, "cli");
     assert_eq!(h.task(run, "long").await.state, TaskState::Cancelled);
     engine.stop().await.expect("the engine stops");
+    h.assert_counts_are_the_runs().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
