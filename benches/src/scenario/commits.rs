@@ -1,34 +1,59 @@
-//! How many times the store committed, read from the engine's `butler_store_commits_total`
-//! counter through the `metrics` facade.
+//! How many times the store committed, and how long the SQLite writer's transactions took,
+//! read from the engine's `butler_store_commits_total` and
+//! `butler_store_transaction_duration_seconds` through the `metrics` facade.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use butler_core::engine::metrics::STORE_COMMITS;
+use std::time::Duration;
+
+use butler_core::engine::metrics::{STORE_COMMITS, STORE_TRANSACTION_DURATION};
 use metrics::{
-    Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    Counter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+    SharedString, Unit,
 };
 
-/// The store commits of this process, from the first [`record`] on.
+/// The store commits of this process, and the time its SQLite writer spent in transactions,
+/// from the first [`record`] on.
 #[derive(Debug, Default)]
-pub struct Commits(AtomicU64);
+pub struct Commits {
+    count: AtomicU64,
+    writer_busy_ns: Arc<BusyTime>,
+}
 
 impl Commits {
     /// The commits counted so far.
     pub fn count(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The time the SQLite writer spent in transactions so far.
+    pub fn writer_busy(&self) -> Duration {
+        Duration::from_nanos(self.writer_busy_ns.0.load(Ordering::Relaxed))
     }
 }
 
 impl CounterFn for Commits {
     fn increment(&self, value: u64) {
-        self.0.fetch_add(value, Ordering::Relaxed);
+        self.count.fetch_add(value, Ordering::Relaxed);
     }
 
     fn absolute(&self, _: u64) {}
 }
 
-/// A recorder that counts the store's commits and drops every other metric.
+/// Nanoseconds summed from a histogram of seconds.
+#[derive(Debug, Default)]
+struct BusyTime(AtomicU64);
+
+impl HistogramFn for BusyTime {
+    fn record(&self, seconds: f64) {
+        self.0
+            .fetch_add((seconds * 1e9).round() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A recorder that counts the store's commits and sums its writer's transactions, and drops
+/// every other metric.
 struct CommitRecorder(Arc<Commits>);
 
 impl Recorder for CommitRecorder {
@@ -50,8 +75,12 @@ impl Recorder for CommitRecorder {
         Gauge::noop()
     }
 
-    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::noop()
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        if key.name() == STORE_TRANSACTION_DURATION {
+            Histogram::from_arc(self.0.writer_busy_ns.clone())
+        } else {
+            Histogram::noop()
+        }
     }
 }
 
@@ -82,5 +111,15 @@ mod tests {
         metrics::counter!("another_counter").increment(1);
         metrics::counter!(STORE_COMMITS).increment(2);
         assert_eq!(commits.count() - before, 3);
+    }
+
+    #[test]
+    fn the_writers_transactions_are_summed() {
+        let commits = record().expect("the first recorder of this test process");
+        let before = commits.writer_busy();
+        metrics::histogram!(STORE_TRANSACTION_DURATION).record(Duration::from_millis(3));
+        metrics::histogram!("another_histogram").record(Duration::from_secs(1));
+        metrics::histogram!(STORE_TRANSACTION_DURATION).record(Duration::from_millis(2));
+        assert_eq!(commits.writer_busy() - before, Duration::from_millis(5));
     }
 }

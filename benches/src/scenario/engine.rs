@@ -261,7 +261,10 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let count = args.size.unwrap_or(10_000);
     let s = setup(args, "[[tasks]]\nid = \"noop\"\nrun = \"true\"\n").await?;
     let runs = launch(&s, 0, count).await?;
+    let writer = commits::record()?;
+    let busy_before = writer.writer_busy();
     let took = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs, false).await?;
+    let writer_busy = (writer.writer_busy() - busy_before).as_secs_f64() / took;
     let runs = launch(&s, count, count).await?;
     let servers = local_servers(args);
     let server_cpu = |servers: &[(&str, &str)]| -> Vec<Option<std::time::Duration>> {
@@ -332,6 +335,15 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
         )
         .limit(apart_limit.0, apart_limit.1),
     ];
+    if args.db.is_none() {
+        // The SQLite writer applies every change in order: near 100%, it is what limits.
+        figures.push(Figure::new(
+            "noop",
+            "in one process: share of the run the SQLite writer was busy",
+            100.0 * writer_busy,
+            "%",
+        ));
+    }
     // Where the apart run's CPU went, per task, so that a rate short of its target can be
     // told from the cores it would need.
     let per_task = |cpu: std::time::Duration| cpu.as_secs_f64() * 1e6 / count as f64;

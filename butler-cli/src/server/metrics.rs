@@ -140,6 +140,7 @@ fn recorder() -> &'static PrometheusHandle {
         let buckets = [
             (names::TASK_ATTEMPT_DURATION, &names::ATTEMPT_BUCKETS[..]),
             (names::STORE_CALL_DURATION, &names::CALL_BUCKETS[..]),
+            (names::STORE_TRANSACTION_DURATION, &names::CALL_BUCKETS[..]),
             (names::QUEUE_CALL_DURATION, &names::CALL_BUCKETS[..]),
             (names::STORE_BATCH_SIZE, &names::BATCH_BUCKETS[..]),
         ];

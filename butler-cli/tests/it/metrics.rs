@@ -404,8 +404,16 @@ fn metrics_count_what_the_runs_did_and_agree_with_the_cli() {
         assert!(done.value(family, &[("op", op)]) > 0.0, "{family} {op}");
     }
     assert!(done.sum("butler_store_batch_size_count", &[]) > 0.0);
-    // The group commits reached the database as commits of its own.
+    // The group commits reached the database as commits of its own, each a transaction of
+    // the writer thread, timed.
     assert!(done.sum("butler_store_commits_total", &[]) > 0.0);
+    let transactions = "butler_store_transaction_duration_seconds";
+    assert!(done.sum(&format!("{transactions}_count"), &[]) > 0.0);
+    assert!(done.sum(&format!("{transactions}_sum"), &[]) > 0.0);
+    assert_eq!(
+        done.types.get(transactions).map(String::as_str),
+        Some("histogram")
+    );
 
     // Nothing waits; one worker is alive and reported recently.
     assert_eq!(done.sum("butler_active_run_tasks", &[]), 0.0);

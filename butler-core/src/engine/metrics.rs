@@ -41,6 +41,11 @@ pub const QUEUE_CALL_DURATION: &str = "butler_queue_call_duration_seconds";
 /// share them) and the store's other transactions, such as launches, but not single-statement
 /// writes such as heartbeats.
 pub const STORE_COMMITS: &str = "butler_store_commits_total";
+/// Histogram: how long each transaction of the SQLite store's writer thread took, in seconds,
+/// from its `BEGIN` to its `COMMIT` (with the rest run again when a piece of it failed). The
+/// writer runs one at a time, so the rate of the sum is the share of time it was busy: near 1,
+/// the store is what limits the engine.
+pub const STORE_TRANSACTION_DURATION: &str = "butler_store_transaction_duration_seconds";
 
 /// Every value of the `outcome` label of [`TASK_ATTEMPTS`] and [`TASK_RETRIES`]:
 /// - `succeeded`: exit code 0;
@@ -126,6 +131,12 @@ pub fn describe() {
         QUEUE_CALL_DURATION,
         Unit::Seconds,
         "How long the engine's queue calls took, by op."
+    );
+    describe_histogram!(
+        STORE_TRANSACTION_DURATION,
+        Unit::Seconds,
+        "How long each transaction of the SQLite store's writer thread took; the rate of the \
+         sum is the share of time the writer was busy."
     );
     describe_counter!(
         STORE_COMMITS,

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, Weak, mpsc};
 use std::time::Duration;
 
-use butler_core::engine::metrics::STORE_COMMITS;
+use butler_core::engine::metrics::{STORE_COMMITS, STORE_TRANSACTION_DURATION};
 use butler_core::{Error, Result};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
@@ -433,7 +433,9 @@ fn serve(
                 Err(_) => break,
             }
         }
+        let began = std::time::Instant::now();
         run_group(conn, group);
+        metrics::histogram!(STORE_TRANSACTION_DURATION).record(began.elapsed());
         if let Some(checkpointer) = checkpointer {
             // A nudge already waiting covers this commit too.
             let _ = checkpointer.try_send(());
