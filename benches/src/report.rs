@@ -43,38 +43,10 @@ impl Figure {
     }
 }
 
+/// Prints figures measured in one run.
 pub fn print(figures: &[Figure], json: bool) {
-    if json {
-        for f in figures {
-            let mut line = json!({
-                "scenario": f.scenario,
-                "metric": f.metric,
-                "value": round(f.value),
-                "unit": f.unit,
-            });
-            if let (Some(limit), Some(what)) = (f.limit, &f.limit_is) {
-                line["limit"] = json!(round(limit));
-                line["limit_is"] = json!(what);
-            }
-            println!("{line}");
-        }
-        return;
-    }
-    let rows: Vec<[String; 5]> = figures
-        .iter()
-        .map(|f| {
-            [
-                f.scenario.to_owned(),
-                f.metric.clone(),
-                format!("{} {}", round(f.value), f.unit),
-                f.limit
-                    .map(|l| format!("{} {}", round(l), f.unit))
-                    .unwrap_or_default(),
-                f.limit_is.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    print_table(&rows);
+    let runs: Vec<Repeated> = figures.iter().map(Repeated::from).collect();
+    print_repeated(&runs, json);
 }
 
 /// One figure as measured in each of several runs of its scenario.
@@ -88,6 +60,19 @@ pub struct Repeated {
     /// Its limit in each run that measured one.
     pub limits: Vec<f64>,
     pub limit_is: Option<String>,
+}
+
+impl From<&Figure> for Repeated {
+    fn from(f: &Figure) -> Self {
+        Repeated {
+            scenario: f.scenario.to_owned(),
+            metric: f.metric.clone(),
+            unit: f.unit.to_owned(),
+            values: vec![f.value],
+            limits: f.limit.into_iter().collect(),
+            limit_is: f.limit_is.clone(),
+        }
+    }
 }
 
 impl Repeated {
@@ -142,30 +127,13 @@ fn spread(samples: &[f64]) -> (f64, f64, f64) {
     (median, sorted[0], sorted[n - 1])
 }
 
-/// Prints figures measured in several runs: each value and limit as the median, with the
-/// lowest and highest beside it.
+/// Prints figures measured in one run or several: a figure of several runs shows each value
+/// and limit as the median, with the lowest and highest beside it (`_min` and `_max`, and
+/// the number of `runs`, in JSON).
 pub fn print_repeated(figures: &[Repeated], json: bool) {
     if json {
         for f in figures {
-            let mut line = json!({
-                "scenario": f.scenario,
-                "metric": f.metric,
-                "unit": f.unit,
-                "runs": f.values.len(),
-            });
-            for (key, samples) in [("value", &f.values), ("limit", &f.limits)] {
-                if samples.is_empty() {
-                    continue;
-                }
-                let (median, low, high) = spread(samples);
-                line[key] = json!(round(median));
-                line[format!("{key}_min")] = json!(round(low));
-                line[format!("{key}_max")] = json!(round(high));
-            }
-            if let Some(what) = &f.limit_is {
-                line["limit_is"] = json!(what);
-            }
-            println!("{line}");
+            println!("{}", json_line(f));
         }
         return;
     }
@@ -174,7 +142,10 @@ pub fn print_repeated(figures: &[Repeated], json: bool) {
             return String::new();
         }
         let (median, low, high) = spread(samples);
-        format!("{} {unit} ({}–{})", round(median), round(low), round(high))
+        match samples.len() {
+            1 => format!("{} {unit}", round(median)),
+            _ => format!("{} {unit} ({}–{})", round(median), round(low), round(high)),
+        }
     };
     let rows: Vec<[String; 5]> = figures
         .iter()
@@ -189,6 +160,35 @@ pub fn print_repeated(figures: &[Repeated], json: bool) {
         })
         .collect();
     print_table(&rows);
+}
+
+/// A figure as one JSON object: `value` and `limit`, and for several runs their medians with
+/// `_min`, `_max` and `runs`.
+fn json_line(f: &Repeated) -> serde_json::Value {
+    let repeated = f.values.len() > 1;
+    let mut line = json!({
+        "scenario": f.scenario,
+        "metric": f.metric,
+        "unit": f.unit,
+    });
+    if repeated {
+        line["runs"] = json!(f.values.len());
+    }
+    for (key, samples) in [("value", &f.values), ("limit", &f.limits)] {
+        if samples.is_empty() {
+            continue;
+        }
+        let (median, low, high) = spread(samples);
+        line[key] = json!(round(median));
+        if repeated {
+            line[format!("{key}_min")] = json!(round(low));
+            line[format!("{key}_max")] = json!(round(high));
+        }
+    }
+    if let Some(what) = &f.limit_is {
+        line["limit_is"] = json!(what);
+    }
+    line
 }
 
 /// Prints `rows` under the figures' header, each column as wide as its widest cell.
@@ -238,6 +238,25 @@ mod tests {
         assert_eq!(spread(&figures[0].values), (2.5, 1.0, 9.0));
         assert_eq!(spread(&figures[0].limits), (10.5, 9.0, 12.0));
         assert_eq!(figures[1].limits, Vec::<f64>::new());
+    }
+
+    #[test]
+    fn one_run_prints_value_and_limit_and_several_runs_add_their_range() {
+        let once = Repeated::from(&Figure::new("noop", "tasks", 5.0, "tasks/s").limit(7.0, "c"));
+        assert_eq!(
+            json_line(&once),
+            json!({"scenario": "noop", "metric": "tasks", "unit": "tasks/s", "value": 5.0,
+                   "limit": 7.0, "limit_is": "c"})
+        );
+        let mut twice = once.clone();
+        twice.values.push(3.0);
+        twice.limits.push(9.0);
+        assert_eq!(
+            json_line(&twice),
+            json!({"scenario": "noop", "metric": "tasks", "unit": "tasks/s", "runs": 2,
+                   "value": 4.0, "value_min": 3.0, "value_max": 5.0,
+                   "limit": 8.0, "limit_min": 7.0, "limit_max": 9.0, "limit_is": "c"})
+        );
     }
 
     #[test]
