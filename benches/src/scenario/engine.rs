@@ -261,10 +261,10 @@ pub async fn noop(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let count = args.size.unwrap_or(10_000);
     let s = setup(args, "[[tasks]]\nid = \"noop\"\nrun = \"true\"\n").await?;
     let runs = launch(&s, 0, count).await?;
-    let writer = commits::record()?;
-    let busy_before = writer.writer_busy();
+    let recorded = commits::record()?;
+    let busy_before = recorded.writer_busy();
     let took = run_all(&s, Arc::new(NoopExecutor::default()), 2, &runs, false).await?;
-    let writer_busy = (writer.writer_busy() - busy_before).as_secs_f64() / took;
+    let writer_busy = (recorded.writer_busy() - busy_before).as_secs_f64() / took;
     let runs = launch(&s, count, count).await?;
     let servers = local_servers(args);
     let server_cpu = |servers: &[(&str, &str)]| -> Vec<Option<std::time::Duration>> {
