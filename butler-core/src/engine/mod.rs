@@ -288,7 +288,9 @@ impl Engine {
         let mut done = Vec::with_capacity(runs.len());
         self.collect_finished(&mut waiting, &mut done).await?;
         progress(&done);
-        let mut check = tokio::time::interval(Duration::from_secs(2));
+        // The first look was the one just above: the next comes a period later.
+        let every = Duration::from_secs(2);
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut seen_at_check = done.len();
         while !waiting.is_empty() {
             tokio::select! {
@@ -320,32 +322,38 @@ impl Engine {
         Ok(done)
     }
 
+    /// Moves the runs of `waiting` that the store shows finished to `done`.
     async fn collect_finished(
         &self,
         waiting: &mut HashSet<Id>,
         done: &mut Vec<RunFinished>,
     ) -> Result<()> {
-        // One pass over the id range in pages, rather than one read per run.
         let (Some(&first), Some(&last)) = (waiting.iter().min(), waiting.iter().max()) else {
             return Ok(());
         };
-        let mut after_id = Some(first - 1);
-        while let Some(after) = after_id.filter(|after| *after < last) {
-            let page = self
-                .store
-                .list_runs(&RunFilter {
-                    after_id: Some(after),
-                    limit: Some(10_000),
-                    ..RunFilter::default()
-                })
-                .await?;
-            after_id = page.last().map(|run| run.id);
-            for run in page {
-                if run.status.is_finished() && waiting.remove(&run.id) {
-                    done.push(RunFinished {
-                        run_id: run.id,
-                        status: run.status,
-                    });
+        // Only finished runs are read, by status over the id range in pages: runs still to
+        // do are most of the range when a wait begins, and reading each of them would hold up
+        // the scheduler's first reads on the same store.
+        for status in RunStatus::ALL.into_iter().filter(|s| s.is_finished()) {
+            let mut after_id = Some(first - 1);
+            while let Some(after) = after_id.filter(|after| *after < last) {
+                let page = self
+                    .store
+                    .list_runs(&RunFilter {
+                        status: Some(status),
+                        after_id: Some(after),
+                        limit: Some(10_000),
+                        ..RunFilter::default()
+                    })
+                    .await?;
+                after_id = page.last().map(|run| run.id);
+                for run in page {
+                    if waiting.remove(&run.id) {
+                        done.push(RunFinished {
+                            run_id: run.id,
+                            status: run.status,
+                        });
+                    }
                 }
             }
         }

@@ -168,3 +168,78 @@ async fn a_failed_attempt_is_retried_and_logged() {
         ]
     );
 }
+
+/// Waiting for runs that have already ended answers at once with how each ended (whichever
+/// way), and says nothing of the runs around them that were not waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_ended_runs_answers_how_each_ended() {
+    let store = Arc::new(MemoryRunStore::new());
+    let tracker = Tracker::new(store.clone());
+    let analysis = tracker
+        .create_analysis("a", chrono::Utc::now().date_naive(), json!({}))
+        .await
+        .unwrap();
+    // In id order: completes, is not waited for, fails, is cancelled, completes.
+    let mut ids = Vec::new();
+    for task in ["ok", "ok2", "bad", "cancelled", "ok3"] {
+        ids.push(launch_one_task_run(&tracker, analysis.id, task).await);
+    }
+    tracker.cancel_run(ids[3]).await.unwrap();
+    let mut executor = Scripted::default();
+    executor.codes.insert(("bad".into(), 1), 1);
+    let executor = Arc::new(executor);
+    let mut options = EngineOptions::new(std::env::temp_dir(), 2);
+    options.poll = Duration::from_millis(20);
+    let mut engine = Engine::start(
+        store.clone(),
+        Arc::new(MemoryQueue::new()),
+        executor.clone(),
+        options,
+    );
+    let all = [ids[0], ids[1], ids[2], ids[4]];
+    tokio::time::timeout(Duration::from_secs(20), engine.wait_for(&all, |_| {}))
+        .await
+        .expect("runs did not finish in time")
+        .unwrap();
+    engine.stop().await.unwrap();
+
+    // A process that runs nothing finds them ended in the store.
+    let options = EngineOptions::new(std::env::temp_dir(), 0);
+    let mut idle = Engine::start(store, Arc::new(MemoryQueue::new()), executor, options);
+    let waited = [ids[0], ids[2], ids[3], ids[4]];
+    let done = tokio::time::timeout(Duration::from_secs(10), idle.wait_for(&waited, |_| {}))
+        .await
+        .expect("ended runs are answered without waiting for anything")
+        .unwrap();
+    idle.stop().await.unwrap();
+    let mut ended: Vec<(Id, RunStatus)> = done.iter().map(|f| (f.run_id, f.status)).collect();
+    ended.sort();
+    assert_eq!(
+        ended,
+        [
+            (ids[0], RunStatus::Completed),
+            (ids[2], RunStatus::Error),
+            (ids[3], RunStatus::Cancelled),
+            (ids[4], RunStatus::Completed),
+        ]
+    );
+}
+
+/// Launches one run of a new workflow whose only task is `task`.
+async fn launch_one_task_run(tracker: &Tracker, analysis: Id, task: &str) -> Id {
+    let text = format!("[[tasks]]\nid = \"{task}\"\nrun = \"true\"\n");
+    let def = Definition::parse(&text, Format::Toml, "test.toml").unwrap();
+    let workflow = tracker
+        .create_workflow(task, "1", json!({}), def)
+        .await
+        .unwrap();
+    let source = RunSource {
+        source: None,
+        config: json!({}),
+    };
+    tracker
+        .launch(workflow.id, analysis, vec![source], false)
+        .await
+        .unwrap()[0]
+        .id
+}
