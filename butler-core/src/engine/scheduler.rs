@@ -28,6 +28,9 @@ use crate::store::DynRunStore;
 
 const EVENT_PAGE: u32 = 10_000;
 const CLAIM_PAGE: usize = 1_000;
+/// The first page of ready runs a claim reads: small, so the first commit (and the workers'
+/// first tasks) come soon; each next page is four times larger, up to [`CLAIM_PAGE`].
+const FIRST_CLAIM_PAGE: usize = 64;
 /// How often to look for active runs that no live scheduler drives, and to plan every active
 /// run again from the store.
 const ADOPT_EVERY: chrono::Duration = chrono::Duration::seconds(30);
@@ -524,12 +527,14 @@ impl Scheduler {
         if self.room_for_runs() == 0 {
             return Ok(());
         }
-        let mut next = self.ready_page(None).await?;
+        let mut limit = FIRST_CLAIM_PAGE;
+        let mut next = self.ready_page(None, limit).await?;
         // A next page is read only while room is left after this one.
         while let Some((page, mut tasks)) = next.take() {
             let room = self.room_for_runs();
             let after_id = page.last().map(|run| run.id);
-            let full = page.len() == CLAIM_PAGE;
+            let full = page.len() == limit;
+            limit = (limit * 4).min(CLAIM_PAGE);
             let mut claimed = Vec::new();
             let mut planned: HashMap<Id, usize> = HashMap::new();
             for run in page {
@@ -588,7 +593,7 @@ impl Scheduler {
             // The next page is read while this one commits.
             let read_next = async {
                 if full && claimed.len() < room {
-                    self.ready_page(after_id).await
+                    self.ready_page(after_id, limit).await
                 } else {
                     Ok(None)
                 }
@@ -620,18 +625,19 @@ impl Scheduler {
             .saturating_sub(self.active.len())
     }
 
-    /// The next page of ready runs after run `after_id`, with their tasks as stored; `None`
-    /// when there are none.
+    /// The next page of at most `limit` ready runs after run `after_id`, with their tasks as
+    /// stored; `None` when there are none.
     async fn ready_page(
         &self,
         after_id: Option<Id>,
+        limit: usize,
     ) -> Result<Option<(Vec<AnalysisRun>, HashMap<Id, Vec<TaskInstance>>)>> {
         let page = self
             .store
             .list_runs(&RunFilter {
                 status: Some(RunStatus::Ready),
                 after_id,
-                limit: Some(CLAIM_PAGE as u32),
+                limit: Some(limit as u32),
                 ..RunFilter::default()
             })
             .await?;
