@@ -2,6 +2,7 @@
 //! run is over. Pure functions of the run's stored state, so a restarted scheduler decides
 //! exactly as the one before it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -78,9 +79,10 @@ pub fn plan_run(
     if !matches!(run.status, RunStatus::Scheduled | RunStatus::InProgress) {
         return plan;
     }
-    let mut current: HashMap<&str, TaskInstance> = tasks
+    // Each task as stored, or as this plan leaves it.
+    let mut current: HashMap<&str, Cow<'_, TaskInstance>> = tasks
         .iter()
-        .map(|t| (t.task_id.as_str(), t.clone()))
+        .map(|t| (t.task_id.as_str(), Cow::Borrowed(t)))
         .collect();
 
     if let Some(reason) = timed_out(def, run, now) {
@@ -107,8 +109,9 @@ pub fn plan_run(
         return plan;
     }
 
-    for def_task in def.topological_order() {
-        let Some(task) = current.get(def_task.id.as_str()).cloned() else {
+    let order = def.topological_order();
+    for &def_task in &order {
+        let Some(task) = current.get(def_task.id.as_str()) else {
             continue;
         };
         let new = match task.state {
@@ -125,7 +128,7 @@ pub fn plan_run(
                             state: TaskState::UpstreamFailed,
                             ended_at: Some(now),
                             error: Some(reason.clone()),
-                            ..task.clone()
+                            ..TaskInstance::clone(task)
                         },
                         reason,
                         None,
@@ -136,7 +139,7 @@ pub fn plan_run(
                     })
                 }) {
                     Some((
-                        queued(&task, now),
+                        queued(task, now),
                         "its needs succeeded".to_owned(),
                         Some(Duration::ZERO),
                     ))
@@ -148,7 +151,7 @@ pub fn plan_run(
                 let due = task.next_try_at.unwrap_or(now);
                 let delay = (due - now).to_std().unwrap_or(Duration::ZERO);
                 let reason = format!("retry {} is due", task.failures.max(1));
-                Some((queued(&task, now), reason, Some(delay)))
+                Some((queued(task, now), reason, Some(delay)))
             }
             _ => None,
         };
@@ -167,17 +170,17 @@ pub fn plan_run(
                     row: new.clone(),
                 });
             }
-            push_task(&mut plan, &task, new.clone(), by, &reason);
-            current.insert(def_task.id.as_str(), new);
+            push_task(&mut plan, task, new.clone(), by, &reason);
+            current.insert(def_task.id.as_str(), Cow::Owned(new));
         }
     }
 
-    let all: Vec<&TaskInstance> = current.values().collect();
+    let all: Vec<&TaskInstance> = current.values().map(|t| t.as_ref()).collect();
     let first_start = run
         .started_at
         .or_else(|| all.iter().filter_map(|t| t.started_at).min());
     if all.iter().all(|t| t.state.is_finished()) {
-        let failed = def.topological_order().into_iter().find_map(|d| {
+        let failed = order.iter().find_map(|d| {
             current
                 .get(d.id.as_str())
                 .filter(|t| t.state.is_failure() && t.state != TaskState::UpstreamFailed)
