@@ -228,6 +228,9 @@ impl Definition {
     /// On a definition that did not pass [`Definition::parse`], needs naming unknown tasks are
     /// ignored and tasks caught in a cycle come last, in file order.
     pub fn topological_order(&self) -> Vec<&TaskDef> {
+        if self.lists_needs_first() {
+            return self.tasks.iter().collect();
+        }
         let index: HashMap<&str, usize> = self
             .tasks
             .iter()
@@ -271,6 +274,24 @@ impl Definition {
                 .map(|(task, _)| task),
         );
         order
+    }
+
+    /// Whether a short definition names every task after the tasks it needs, so that its
+    /// file order is its topological order: most are written so, and the scheduler asks for
+    /// the order at every plan. A need is looked up as the general order looks it up (the
+    /// last task of that id), by scanning, which beats building an index only while the
+    /// definition is short.
+    fn lists_needs_first(&self) -> bool {
+        const SHORT: usize = 32;
+        self.tasks.len() <= SHORT
+            && self.tasks.iter().enumerate().all(|(i, task)| {
+                task.needs.iter().all(|need| {
+                    self.tasks
+                        .iter()
+                        .rposition(|t| t.id == *need)
+                        .is_some_and(|j| j < i)
+                })
+            })
     }
 
     /// Compiles every `run` and `env` template once, for rendering many effective configs.
@@ -348,6 +369,27 @@ mod tests {
         assert_eq!(
             ids(def.topological_order()),
             ["fetch", "right", "left", "report", "lint"]
+        );
+    }
+
+    #[test]
+    fn topological_order_of_a_definition_listed_needs_first_is_its_file_order() {
+        let mut def = definition(DIAMOND);
+        // fetch, lint, right, left, report: every task after its needs.
+        let order = [3, 4, 1, 2, 0];
+        def.tasks = order.iter().map(|&i| def.tasks[i].clone()).collect();
+        assert!(def.lists_needs_first());
+        assert_eq!(
+            ids(def.topological_order()),
+            ["fetch", "lint", "right", "left", "report"]
+        );
+        // A need of an unknown task, or of the task itself, takes the general order, which
+        // ignores it.
+        def.tasks[1].needs = vec!["lint".into(), "ghost".into()];
+        assert!(!def.lists_needs_first());
+        assert_eq!(
+            ids(def.topological_order()),
+            ["fetch", "lint", "right", "left", "report"]
         );
     }
 
