@@ -465,13 +465,7 @@ pub async fn duplicate_runs_are_refused(store: &dyn RunStore) {
         assert_not_found(store.get_config(id).await, "config", id);
     }
 
-    let other = store
-        .create_analysis(new_analysis(
-            &unique("duplicates-other"),
-            Config::new(json!({})),
-        ))
-        .await
-        .expect("another analysis");
+    let other = another_analysis(store, "duplicates-other").await;
     launch(store, &workflow, &other, &[json!({"sample": "b"})])
         .await
         .expect("the same run config for another analysis is not a duplicate");
@@ -557,10 +551,7 @@ pub async fn list_runs_filters_and_orders(store: &dyn RunStore) {
         ))
         .await
         .expect("second workflow");
-    let a2 = store
-        .create_analysis(new_analysis(&unique("filters-a2"), Config::new(json!({}))))
-        .await
-        .expect("second analysis");
+    let a2 = another_analysis(store, "filters-a2").await;
 
     let r11 = launch(store, &w1, &a1, &samples("w1a1", 3))
         .await
@@ -721,10 +712,7 @@ pub async fn count_runs_counts_per_status(store: &dyn RunStore) {
     launch(store, &workflow, &analysis, &samples("count", 5))
         .await
         .expect("launch");
-    let other = store
-        .create_analysis(new_analysis(&unique("count-other"), Config::new(json!({}))))
-        .await
-        .expect("other analysis");
+    let other = another_analysis(store, "count-other").await;
     let others = launch(store, &workflow, &other, &samples("other", 2))
         .await
         .expect("launch");
@@ -796,13 +784,7 @@ pub async fn count_runs_counts_per_status(store: &dyn RunStore) {
 /// counted where it ends, as listing the runs finds them.
 pub async fn count_runs_follow_every_change_of_a_call(store: &dyn RunStore) {
     let (workflow, analysis) = setup(store, "count-call").await;
-    let other = store
-        .create_analysis(new_analysis(
-            &unique("count-call-other"),
-            Config::new(json!({})),
-        ))
-        .await
-        .expect("create_analysis");
+    let other = another_analysis(store, "count-call-other").await;
     let mut runs = launch(store, &workflow, &analysis, &samples("count-call", 4))
         .await
         .expect("launch");
@@ -2116,6 +2098,14 @@ fn new_analysis(name: &str, config: Config) -> NewAnalysis {
         start_date: start_date(),
         config,
     }
+}
+
+/// A fresh analysis with an empty config, beside the one [`setup`] made.
+async fn another_analysis(store: &dyn RunStore, prefix: &str) -> Analysis {
+    store
+        .create_analysis(new_analysis(&unique(prefix), Config::new(json!({}))))
+        .await
+        .expect("create_analysis")
 }
 
 /// A fresh workflow and analysis, each with a config layer.
