@@ -127,6 +127,14 @@ pub trait RunStore: Send + Sync + Debug + 'static {
     /// The id of the newest event, 0 when there is none.
     async fn last_event_id(&self) -> Result<Id>;
 
+    /// Whether events become visible in id order: once a reader has seen an event, no event
+    /// with a smaller id appears later. True where writes commit one at a time (SQLite, the
+    /// memory store); a reader following the log by id then needs no look-back over recent
+    /// ids. The default, false, is always safe.
+    fn events_visible_in_id_order(&self) -> bool {
+        false
+    }
+
     /// Records `worker` under its name: inserts it, or replaces every field of the worker
     /// recorded under that name.
     async fn heartbeat_worker(&self, worker: &WorkerInfo) -> Result<()>;

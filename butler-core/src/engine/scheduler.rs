@@ -438,8 +438,8 @@ impl Scheduler {
     /// `touched`).
     async fn read_events(&mut self, dirty: &mut HashSet<Id>) -> Result<()> {
         // A store may make event ids visible out of order (PostgreSQL sequences across
-        // concurrent transactions), so each read starts where the read two polls ago did and
-        // skips the events already seen. The log's end, read first, moves the cursor past this
+        // concurrent transactions), so there each read starts where the read two polls ago did
+        // and skips the events already seen; elsewhere, where the last read ended. The log's end, read first, moves the cursor past this
         // process's own events too, which the read leaves out: otherwise a scheduler that
         // alone writes the log would read all it ever wrote again at every poll.
         let end = self.store.last_event_id().await?;
@@ -480,7 +480,12 @@ impl Scheduler {
         }
         self.cursor = self.cursor.max(end);
         self.read_from.push_back(self.cursor);
-        if self.read_from.len() > 2 {
+        let reads_back = if self.store.events_visible_in_id_order() {
+            1
+        } else {
+            2
+        };
+        if self.read_from.len() > reads_back {
             self.read_from.pop_front();
         }
         let floor = self.read_from.front().copied().unwrap_or(self.cursor);

@@ -543,6 +543,11 @@ impl RunStore for MemoryRunStore {
         Ok(Id::try_from(self.lock().events.len()).unwrap_or(Id::MAX))
     }
 
+    /// Every change is applied under one lock.
+    fn events_visible_in_id_order(&self) -> bool {
+        true
+    }
+
     async fn heartbeat_worker(&self, worker: &WorkerInfo) -> Result<()> {
         self.lock()
             .workers

@@ -728,6 +728,12 @@ impl RunStore for SqliteStore {
         self.select_last_event_id().await
     }
 
+    /// SQLite lets one transaction write at a time, in every process, and an event's id is
+    /// taken inside its transaction.
+    fn events_visible_in_id_order(&self) -> bool {
+        true
+    }
+
     async fn heartbeat_worker(&self, worker: &WorkerInfo) -> Result<()> {
         sqlx::query(
             "INSERT INTO workers \
