@@ -177,8 +177,9 @@ impl Watcher {
 
     /// Run failures since the last read, and the runs finished for the report.
     async fn read_events(&mut self, now: DateTime<Utc>, out: &mut Vec<Dispatch>) -> Result<()> {
-        // A store may make event ids visible out of order (concurrent transactions), so each
-        // read starts where the read two polls ago did and skips the events already seen.
+        // A store may make event ids visible out of order (concurrent transactions), so there
+        // each read starts where the read two polls ago did and skips the events already seen;
+        // elsewhere, where the last read ended.
         let from = self.read_from.front().copied().unwrap_or(self.cursor);
         let mut after = from;
         let mut fresh = Vec::new();
@@ -271,7 +272,12 @@ impl Watcher {
         self.seen.extend(fresh.iter().map(|e| e.id));
         self.cursor = cursor;
         self.read_from.push_back(cursor);
-        if self.read_from.len() > 2 {
+        let reads_back = if self.store.events_visible_in_id_order() {
+            1
+        } else {
+            2
+        };
+        if self.read_from.len() > reads_back {
             self.read_from.pop_front();
         }
         let floor = self.read_from.front().copied().unwrap_or(self.cursor);
