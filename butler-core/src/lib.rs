@@ -6,6 +6,7 @@ pub mod definition;
 pub mod engine;
 mod error;
 pub mod executor;
+mod follow;
 pub mod memory;
 pub mod model;
 pub mod notify;

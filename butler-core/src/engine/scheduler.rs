@@ -4,7 +4,7 @@
 //! stored ([`plan_run`]), so a scheduler that restarts after a crash carries on exactly where the
 //! last one stopped.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use super::worker::{ClaimedTask, Worker};
 use super::{EngineOptions, RunFinished, SCHEDULER_ROLE, python_queue, retry, worker_is_gone};
 use crate::change::{Change, ChangeSet, RunChange, TaskChange, TaskExpect};
 use crate::error::Result;
+use crate::follow::LogCursor;
 use crate::model::{
     AnalysisRun, EventFilter, Id, RunFilter, RunStatus, TaskInstance, TaskState, Workflow,
 };
@@ -108,11 +109,8 @@ pub(crate) struct Scheduler {
     started: HashSet<Id>,
     per_workflow: HashMap<Id, usize>,
     unsent: Vec<QueuedTask>,
-    cursor: Id,
-    /// Where the last reads of the event log ended, oldest first.
-    read_from: VecDeque<Id>,
-    /// Events after the oldest of `read_from` already handled.
-    seen: BTreeSet<Id>,
+    /// Where it is in the event log.
+    log: LogCursor,
 }
 
 impl Scheduler {
@@ -148,9 +146,7 @@ impl Scheduler {
             started: HashSet::new(),
             per_workflow: HashMap::new(),
             unsent: Vec::new(),
-            cursor: 0,
-            read_from: VecDeque::new(),
-            seen: BTreeSet::new(),
+            log: LogCursor::new(0, false),
         }
     }
 
@@ -311,9 +307,8 @@ impl Scheduler {
 
     /// Drives the runs until shutdown or until the turn ends.
     async fn drive(&mut self, shutdown: &CancellationToken) -> Result<Ended> {
-        self.cursor = self.store.last_event_id().await?;
-        self.read_from.clear();
-        self.seen.clear();
+        let last = self.store.last_event_id().await?;
+        self.log = LogCursor::new(last, self.store.events_visible_in_id_order());
         let mut dirty = self.adopt().await?;
         let mut next_poll = Utc::now();
         let mut next_reap = Utc::now();
@@ -437,14 +432,12 @@ impl Scheduler {
     /// Marks the runs other processes changed as dirty (this process's own changes arrive on
     /// `touched`).
     async fn read_events(&mut self, dirty: &mut HashSet<Id>) -> Result<()> {
-        // A store may make event ids visible out of order (PostgreSQL sequences across
-        // concurrent transactions), so there each read starts where the read two polls ago did
-        // and skips the events already seen; elsewhere, where the last read ended. The log's end, read first, moves the cursor past this
-        // process's own events too, which the read leaves out: otherwise a scheduler that
-        // alone writes the log would read all it ever wrote again at every poll.
-        let end = self.store.last_event_id().await?;
-        let from = self.read_from.front().copied().unwrap_or(self.cursor);
-        let mut after = from;
+        // The log's end, read first, moves the cursor past this process's own events too,
+        // which the read leaves out: otherwise a scheduler that alone writes the log would read
+        // all it ever wrote again at every poll.
+        let mut end = self.store.last_event_id().await?;
+        let mut handled = Vec::new();
+        let mut after = self.log.start();
         loop {
             let filter = EventFilter {
                 run_id: None,
@@ -457,8 +450,12 @@ impl Scheduler {
             let full = events.len() == EVENT_PAGE as usize;
             for event in events {
                 after = event.id;
-                self.cursor = self.cursor.max(event.id);
-                if !self.seen.insert(event.id) || event.by == self.name {
+                end = end.max(event.id);
+                if !self.log.is_new(event.id) {
+                    continue;
+                }
+                handled.push(event.id);
+                if event.by == self.name {
                     continue;
                 }
                 if event.task_id.is_none() {
@@ -478,18 +475,7 @@ impl Scheduler {
                 break;
             }
         }
-        self.cursor = self.cursor.max(end);
-        self.read_from.push_back(self.cursor);
-        let reads_back = if self.store.events_visible_in_id_order() {
-            1
-        } else {
-            2
-        };
-        if self.read_from.len() > reads_back {
-            self.read_from.pop_front();
-        }
-        let floor = self.read_from.front().copied().unwrap_or(self.cursor);
-        self.seen = self.seen.split_off(&(floor + 1));
+        self.log.finish(end, handled);
         Ok(())
     }
 
@@ -1324,13 +1310,13 @@ mod tests {
         let store: Arc<DynRunStore> = world.store.clone();
         let queue: Arc<DynQueue> = world.queue.clone();
         let mut scheduler = Scheduler::new(store, queue, commits, touched, finished, None, options);
-        scheduler.cursor = started_at;
+        scheduler.log = LogCursor::new(started_at, world.store.events_visible_in_id_order());
         let mut dirty = HashSet::new();
         scheduler.read_events(&mut dirty).await.expect("read");
         assert!(dirty.is_empty(), "its own changes are not news: {dirty:?}");
         assert_eq!(
-            scheduler.read_from.back(),
-            Some(&end),
+            scheduler.log.start(),
+            end,
             "the next reads start after its own events, not again before them"
         );
     }

@@ -1,6 +1,6 @@
 //! The watcher: reads the store beside the scheduler and decides which alerts to send.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 use super::{Alert, DeliveryOptions, DeliveryStats, DynNotifier, Outbox, Routes, WorkflowCounts};
 use crate::engine::{EngineOptions, LOST_AFTER_HEARTBEATS, SCHEDULER_ROLE, process_name};
 use crate::error::Result;
+use crate::follow::LogCursor;
 use crate::model::{AnalysisRun, EventFilter, Id, RunFilter, RunStatus, Workflow};
 use crate::store::DynRunStore;
 
@@ -85,11 +86,8 @@ pub struct Watcher {
     options: WatcherOptions,
     /// When it began watching.
     started: DateTime<Utc>,
-    cursor: Id,
-    /// Where the last reads of the event log ended, oldest first.
-    read_from: VecDeque<Id>,
-    /// Events after the oldest of `read_from` already handled.
-    seen: BTreeSet<Id>,
+    /// Where it is in the event log.
+    log: LogCursor,
     workflows: HashMap<Id, Arc<Workflow>>,
     analyses: HashMap<Id, String>,
     /// Runs decided overdue, with the start they were overdue from.
@@ -111,16 +109,17 @@ impl Watcher {
         routes: Routes,
         options: WatcherOptions,
     ) -> Result<Watcher> {
-        let cursor = store.last_event_id().await?;
+        let log = LogCursor::new(
+            store.last_event_id().await?,
+            store.events_visible_in_id_order(),
+        );
         let now = Utc::now();
         Ok(Watcher {
             store,
             routes,
             options,
             started: now,
-            cursor,
-            read_from: VecDeque::new(),
-            seen: BTreeSet::new(),
+            log,
             workflows: HashMap::new(),
             analyses: HashMap::new(),
             overdue: HashMap::new(),
@@ -177,13 +176,9 @@ impl Watcher {
 
     /// Run failures since the last read, and the runs finished for the report.
     async fn read_events(&mut self, now: DateTime<Utc>, out: &mut Vec<Dispatch>) -> Result<()> {
-        // A store may make event ids visible out of order (concurrent transactions), so there
-        // each read starts where the read two polls ago did and skips the events already seen;
-        // elsewhere, where the last read ended.
-        let from = self.read_from.front().copied().unwrap_or(self.cursor);
-        let mut after = from;
+        let mut after = self.log.start();
         let mut fresh = Vec::new();
-        let mut cursor = self.cursor;
+        let mut end = after;
         loop {
             let events = self
                 .store
@@ -197,8 +192,8 @@ impl Watcher {
             let full = events.len() == EVENT_PAGE as usize;
             for event in events {
                 after = event.id;
-                cursor = cursor.max(event.id);
-                if !self.seen.contains(&event.id) {
+                end = end.max(event.id);
+                if self.log.is_new(event.id) {
                     fresh.push(event);
                 }
             }
@@ -269,19 +264,7 @@ impl Watcher {
                 }
             }
         }
-        self.seen.extend(fresh.iter().map(|e| e.id));
-        self.cursor = cursor;
-        self.read_from.push_back(cursor);
-        let reads_back = if self.store.events_visible_in_id_order() {
-            1
-        } else {
-            2
-        };
-        if self.read_from.len() > reads_back {
-            self.read_from.pop_front();
-        }
-        let floor = self.read_from.front().copied().unwrap_or(self.cursor);
-        self.seen = self.seen.split_off(&(floor + 1));
+        self.log.finish(end, fresh.iter().map(|e| e.id));
         Ok(())
     }
 
