@@ -109,7 +109,7 @@ pub(crate) struct Scheduler {
     started: HashSet<Id>,
     per_workflow: HashMap<Id, usize>,
     unsent: Vec<QueuedTask>,
-    /// Where it is in the event log.
+    /// Where it is in the event log; set anew each time it starts to drive.
     log: LogCursor,
 }
 
@@ -435,7 +435,7 @@ impl Scheduler {
         // The log's end, read first, moves the cursor past this process's own events too,
         // which the read leaves out: otherwise a scheduler that alone writes the log would read
         // all it ever wrote again at every poll.
-        let mut end = self.store.last_event_id().await?;
+        let end = self.store.last_event_id().await?;
         let mut handled = Vec::new();
         let mut after = self.log.start();
         loop {
@@ -450,7 +450,6 @@ impl Scheduler {
             let full = events.len() == EVENT_PAGE as usize;
             for event in events {
                 after = event.id;
-                end = end.max(event.id);
                 if !self.log.is_new(event.id) {
                     continue;
                 }
@@ -475,7 +474,9 @@ impl Scheduler {
                 break;
             }
         }
-        self.log.finish(end, handled);
+        // The log comes in id order: the last id read is where the read ended, unless the
+        // log's end (this process's own events, left out) lies beyond it.
+        self.log.finish(end.max(after), handled);
         Ok(())
     }
 

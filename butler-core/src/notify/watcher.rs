@@ -178,7 +178,6 @@ impl Watcher {
     async fn read_events(&mut self, now: DateTime<Utc>, out: &mut Vec<Dispatch>) -> Result<()> {
         let mut after = self.log.start();
         let mut fresh = Vec::new();
-        let mut end = after;
         loop {
             let events = self
                 .store
@@ -192,7 +191,6 @@ impl Watcher {
             let full = events.len() == EVENT_PAGE as usize;
             for event in events {
                 after = event.id;
-                end = end.max(event.id);
                 if self.log.is_new(event.id) {
                     fresh.push(event);
                 }
@@ -264,7 +262,8 @@ impl Watcher {
                 }
             }
         }
-        self.log.finish(end, fresh.iter().map(|e| e.id));
+        // The log comes in id order: the last id read is where the read ended.
+        self.log.finish(after, fresh.iter().map(|e| e.id));
         Ok(())
     }
 
