@@ -17,4 +17,4 @@ pub mod testing;
 pub mod tracker;
 
 pub use error::{BoxError, Error, Kind, Result};
-pub use store::{DynRunStore, RunStore};
+pub use store::{DynRunStore, ReadyRunsBell, RunStore};

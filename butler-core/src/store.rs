@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::change::ChangeSet;
@@ -135,6 +136,13 @@ pub trait RunStore: Send + Sync + Debug + 'static {
         false
     }
 
+    /// A signal that changes after runs became `ready` through this store value or its clones
+    /// (a launch, a reset), so that a scheduler in the same process takes them at once instead
+    /// of at its next poll. `None`, the default, where the store gives no such signal.
+    fn ready_runs_signal(&self) -> Option<watch::Receiver<()>> {
+        None
+    }
+
     /// Records `worker` under its name: inserts it, or replaces every field of the worker
     /// recorded under that name.
     async fn heartbeat_worker(&self, worker: &WorkerInfo) -> Result<()>;
@@ -175,4 +183,34 @@ pub trait RunStore: Send + Sync + Debug + 'static {
     /// Deletes the token of that name, so its secret stops working at once; a missing name is
     /// [`Error::NotFound`](crate::Error::NotFound).
     async fn delete_token(&self, name: &str) -> Result<()>;
+}
+
+/// What a store rings when runs became `ready`, for [`RunStore::ready_runs_signal`].
+#[derive(Debug)]
+pub struct ReadyRunsBell(watch::Sender<()>);
+
+impl Default for ReadyRunsBell {
+    fn default() -> Self {
+        Self(watch::channel(()).0)
+    }
+}
+
+impl ReadyRunsBell {
+    /// Tells every subscriber that runs became `ready`.
+    pub fn ring(&self) {
+        self.0.send_replace(());
+    }
+
+    /// Whether one of `sets` moves a run back to `ready`, as a reset does: a store that
+    /// applied them rings (a set whose compare-and-set failed makes at most one needless ring).
+    pub fn readies_runs(sets: &[ChangeSet]) -> bool {
+        sets.iter().flatten().any(|change| {
+            matches!(change, crate::change::Change::Run(run) if run.status == RunStatus::Ready)
+        })
+    }
+
+    /// A receiver that sees the rings from now on.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.0.subscribe()
+    }
 }

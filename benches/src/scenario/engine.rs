@@ -576,9 +576,13 @@ pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
     let executor = Arc::new(NoopExecutor::default());
     let mut engine = start(&s, executor.clone(), 2);
     let mut runs = Vec::new();
+    let mut launched = HashMap::new();
     // A light load: one run every 50 ms, 20 tasks/s.
     for i in 0..count {
-        runs.extend(launch(&s, i, 1).await?);
+        let ids = launch(&s, i, 1).await?;
+        let committed = Instant::now();
+        launched.extend(ids.iter().map(|id| (*id, committed)));
+        runs.extend(ids);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     engine.wait_for(&runs, |_| {}).await?;
@@ -590,18 +594,19 @@ pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
         .clone();
     let committed = commits.count() - commits_before;
     let mut samples = Vec::new();
+    let mut first = Vec::new();
     for run in &runs {
-        let (Some((_, a_end)), Some((b_start, _))) = (
+        let (Some((a_start, a_end)), Some((b_start, _))) = (
             marks.get(&(*run, "a".to_owned())),
             marks.get(&(*run, "b".to_owned())),
         ) else {
             anyhow::bail!("run {run} has no marks");
         };
         samples.push(b_start.duration_since(*a_end));
+        first.push(a_start.saturating_duration_since(launched[run]));
     }
-    samples.sort_unstable();
-    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
-    let p50 = median(samples);
+    let (p50, p99) = p50_p99(samples);
+    let (first_p50, first_p99) = p50_p99(first);
     let commit = 1000.0 / commits_per_second(&s).await?;
     let backend = backend_name(args);
     s.clean_up().await?;
@@ -622,11 +627,30 @@ pub async fn latency(args: &Args) -> anyhow::Result<Vec<Figure>> {
         .limit(commit, "one single-row commit to the same database"),
         Figure::new(
             "latency",
+            "launched to first task started p50 (the launch's commit to the start)",
+            ms(first_p50),
+            "ms",
+        ),
+        Figure::new(
+            "latency",
+            "launched to first task started p99",
+            ms(first_p99),
+            "ms",
+        ),
+        Figure::new(
+            "latency",
             "store commits per task, launches included (each an fsync with `full`)",
             committed as f64 / (2 * runs.len()) as f64,
             "commits",
         ),
     ])
+}
+
+/// The median and the 99th percentile of `samples`.
+fn p50_p99(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort_unstable();
+    let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
+    (median(samples), p99)
 }
 
 pub async fn memory(args: &Args) -> anyhow::Result<Vec<Figure>> {

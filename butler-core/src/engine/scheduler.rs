@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -64,6 +64,18 @@ fn replace_row(tasks: &mut [TaskInstance], row: &TaskInstance) {
     }
 }
 
+/// Waits until `signal` changes; forever when there is none, or it ended.
+async fn ready_runs_changed(signal: &mut Option<watch::Receiver<()>>) {
+    let ended = match signal.as_mut() {
+        Some(receiver) => receiver.changed().await.is_err(),
+        None => true,
+    };
+    if ended {
+        *signal = None;
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Why [`Scheduler::drive`] returned.
 enum Ended {
     Shutdown,
@@ -111,6 +123,9 @@ pub(crate) struct Scheduler {
     unsent: Vec<QueuedTask>,
     /// Where it is in the event log; set anew each time it starts to drive.
     log: LogCursor,
+    /// Changes when runs became `ready` through this process's store, to take them at once
+    /// rather than at the next poll ([`crate::RunStore::ready_runs_signal`]).
+    ready_runs: Option<watch::Receiver<()>>,
 }
 
 impl Scheduler {
@@ -147,6 +162,7 @@ impl Scheduler {
             per_workflow: HashMap::new(),
             unsent: Vec::new(),
             log: LogCursor::new(0, false),
+            ready_runs: None,
         }
     }
 
@@ -309,6 +325,9 @@ impl Scheduler {
     async fn drive(&mut self, shutdown: &CancellationToken) -> Result<Ended> {
         let last = self.store.last_event_id().await?;
         self.log = LogCursor::new(last, self.store.events_visible_in_id_order());
+        // Subscribed before the first look at the ready runs, so no launch falls between.
+        self.ready_runs = self.store.ready_runs_signal();
+        let mut claim_now = false;
         let mut dirty = self.adopt().await?;
         let mut next_poll = Utc::now();
         let mut next_reap = Utc::now();
@@ -318,7 +337,12 @@ impl Scheduler {
             while let Ok(rows) = self.touched.try_recv() {
                 self.note(rows, &mut dirty);
             }
+            if claim_now && now < next_poll {
+                claim_now = false;
+                self.claim_ready().await?;
+            }
             if now >= next_poll {
+                claim_now = false;
                 if !self.keep_turn().await? {
                     return Ok(Ended::SteppedDown);
                 }
@@ -361,6 +385,7 @@ impl Scheduler {
                         self.note(rows, &mut dirty);
                     }
                 }
+                () = ready_runs_changed(&mut self.ready_runs) => claim_now = true,
                 _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
             }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::json;
 
+use super::control::ResetScope;
 use super::{Engine, EngineOptions};
 use crate::definition::{Definition, Format};
 use crate::executor::{Attempt, CancellationToken, Executor, Finished, Outcome};
@@ -242,4 +243,48 @@ async fn launch_one_task_run(tracker: &Tracker, analysis: Id, task: &str) -> Id 
         .await
         .unwrap()[0]
         .id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_launched_or_reset_in_the_process_start_before_the_next_poll() {
+    let store = Arc::new(MemoryRunStore::new());
+    let tracker = Tracker::new(store.clone());
+    let analysis = tracker
+        .create_analysis("a", chrono::Utc::now().date_naive(), json!({}))
+        .await
+        .unwrap();
+    let executor = Arc::new(Scripted::default());
+    let mut options = EngineOptions::new(std::env::temp_dir(), 2);
+    // Far beyond the waits below: only the store's signal can start these runs in time.
+    options.poll = Duration::from_secs(60);
+    options.leader_ttl = Duration::from_secs(600);
+    let mut engine = Engine::start(
+        store.clone(),
+        Arc::new(MemoryQueue::new()),
+        executor.clone(),
+        options,
+    );
+    // Past the scheduler's first look at the ready runs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let id = launch_one_task_run(&tracker, analysis.id, "late").await;
+    tokio::time::timeout(Duration::from_secs(10), engine.wait_for(&[id], |_| {}))
+        .await
+        .expect("a launched run waited for the next poll")
+        .unwrap();
+    tracker.reset_run(id, ResetScope::All).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), engine.wait_for(&[id], |_| {}))
+        .await
+        .expect("a reset run waited for the next poll")
+        .unwrap();
+    engine.stop().await.unwrap();
+
+    let (run, tasks) = tracker.run_with_tasks(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(tasks[0].state, TaskState::Succeeded);
+    let attempts = executor.started.lock().unwrap().len();
+    assert_eq!(
+        attempts, 2,
+        "the run ran once, and once more after its reset"
+    );
 }

@@ -16,7 +16,7 @@ use crate::model::{
     NewToken, NewWorkflow, RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo,
     Workflow,
 };
-use crate::store::RunStore;
+use crate::store::{ReadyRunsBell, RunStore};
 
 /// A [`RunStore`] that keeps everything in process memory, for tests and embedding.
 ///
@@ -25,6 +25,7 @@ use crate::store::RunStore;
 #[derive(Debug, Default)]
 pub struct MemoryRunStore {
     inner: Mutex<Inner>,
+    ready: ReadyRunsBell,
 }
 
 #[derive(Debug, Default)]
@@ -390,6 +391,8 @@ impl RunStore for MemoryRunStore {
             inner.tasks.push(tasks);
             created.push(record);
         }
+        drop(inner);
+        self.ready.ring();
         Ok(created)
     }
 
@@ -475,12 +478,18 @@ impl RunStore for MemoryRunStore {
     }
 
     async fn apply(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>> {
+        let readies = ReadyRunsBell::readies_runs(&sets);
         let mut inner = self.lock();
         let at = Utc::now();
-        Ok(sets
+        let applied = sets
             .into_iter()
             .map(|set| inner.apply_set(set, at))
-            .collect())
+            .collect();
+        drop(inner);
+        if readies {
+            self.ready.ring();
+        }
+        Ok(applied)
     }
 
     async fn list_tasks(&self, run_ids: &[Id]) -> Result<Vec<TaskInstance>> {
@@ -546,6 +555,10 @@ impl RunStore for MemoryRunStore {
     /// Every change is applied under one lock.
     fn events_visible_in_id_order(&self) -> bool {
         true
+    }
+
+    fn ready_runs_signal(&self) -> Option<tokio::sync::watch::Receiver<()>> {
+        Some(self.ready.subscribe())
     }
 
     async fn heartbeat_worker(&self, worker: &WorkerInfo) -> Result<()> {

@@ -54,6 +54,7 @@ pub async fn run_all(store: &dyn RunStore) {
     task_changes_are_compare_and_set(store).await;
     a_set_applies_all_of_its_changes_or_none(store).await;
     run_changes_are_compare_and_set(store).await;
+    ready_runs_are_signalled(store).await;
     leases_are_extended_only_by_the_running_holder(store).await;
     events_record_every_change_in_order(store).await;
     last_event_id_is_the_newest_event(store).await;
@@ -1280,6 +1281,37 @@ pub async fn a_set_applies_all_of_its_changes_or_none(store: &dyn RunStore) {
     assert!(
         apply(store, Vec::new()).await.is_empty(),
         "no sets, no answers"
+    );
+}
+
+/// Where the store gives a ready-runs signal, it changes after a launch and after a change that
+/// puts a run back to `ready` (a reset), and not after other changes.
+pub async fn ready_runs_are_signalled(store: &dyn RunStore) {
+    let Some(mut signal) = store.ready_runs_signal() else {
+        return;
+    };
+    let (workflow, analysis) = setup(store, "ready-signal").await;
+    signal.borrow_and_update();
+    let id = launch_tasks(store, &workflow, &analysis, "ready-signal")
+        .await
+        .id;
+    assert!(signal.has_changed().expect("signal"), "a launch signals");
+
+    signal.borrow_and_update();
+    let scheduled = run_change(id, RunStatus::Ready, RunStatus::Scheduled);
+    assert_eq!(
+        apply(store, vec![vec![Change::Run(scheduled)]]).await,
+        [true]
+    );
+    assert!(
+        !signal.has_changed().expect("signal"),
+        "a run leaving `ready` does not signal"
+    );
+    let back = run_change(id, RunStatus::Scheduled, RunStatus::Ready);
+    assert_eq!(apply(store, vec![vec![Change::Run(back)]]).await, [true]);
+    assert!(
+        signal.has_changed().expect("signal"),
+        "a run back to `ready` signals"
     );
 }
 

@@ -19,7 +19,7 @@ use butler_core::model::{
     NewToken, NewWorkflow, RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo,
     Workflow,
 };
-use butler_core::{BoxError, Error, Kind, Result, RunStore};
+use butler_core::{BoxError, Error, Kind, ReadyRunsBell, Result, RunStore};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow};
@@ -76,6 +76,8 @@ pub struct PgStore {
     config: Arc<PgConfig>,
     /// The database as named in messages: host, port, database and schema, never the password.
     location: Arc<str>,
+    /// Rung when runs became `ready` through this store or its clones.
+    ready_runs: Arc<ReadyRunsBell>,
 }
 
 impl fmt::Debug for PgStore {
@@ -124,6 +126,7 @@ impl PgStore {
             pool,
             config: Arc::new(config.clone()),
             location,
+            ready_runs: Arc::default(),
         })
     }
 
@@ -549,6 +552,7 @@ impl RunStore for PgStore {
             return Err(self.fail(&doing, e));
         }
         self.commit(tx, &doing).await?;
+        self.ready_runs.ring();
 
         let runs = (0..)
             .zip(launch.runs)
@@ -707,7 +711,16 @@ impl RunStore for PgStore {
     }
 
     async fn apply(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>> {
-        self.apply_sets(sets).await
+        let readies = ReadyRunsBell::readies_runs(&sets);
+        let applied = self.apply_sets(sets).await?;
+        if readies {
+            self.ready_runs.ring();
+        }
+        Ok(applied)
+    }
+
+    fn ready_runs_signal(&self) -> Option<tokio::sync::watch::Receiver<()>> {
+        Some(self.ready_runs.subscribe())
     }
 
     async fn list_tasks(&self, run_ids: &[Id]) -> Result<Vec<TaskInstance>> {

@@ -19,7 +19,7 @@ use butler_core::model::{
     NewToken, NewWorkflow, RoleLease, RunFilter, RunStatus, TaskInstance, TaskState, WorkerInfo,
     Workflow,
 };
-use butler_core::{BoxError, Error, Kind, Result, RunStore};
+use butler_core::{BoxError, Error, Kind, ReadyRunsBell, Result, RunStore};
 use chrono::{DateTime, NaiveDate, Utc};
 use rusqlite::types::Value;
 use sqlx::error::ErrorKind;
@@ -551,6 +551,7 @@ impl RunStore for SqliteStore {
             return Err(self.fail(&doing, e));
         }
         self.commit(tx, &doing).await?;
+        self.writer.ready_runs.ring();
 
         let runs = (0..)
             .zip(launch.runs)
@@ -709,7 +710,12 @@ impl RunStore for SqliteStore {
     }
 
     async fn apply(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>> {
-        self.apply_sets(sets).await
+        let readies = ReadyRunsBell::readies_runs(&sets);
+        let applied = self.apply_sets(sets).await?;
+        if readies {
+            self.writer.ready_runs.ring();
+        }
+        Ok(applied)
     }
 
     async fn list_tasks(&self, run_ids: &[Id]) -> Result<Vec<TaskInstance>> {
@@ -732,6 +738,10 @@ impl RunStore for SqliteStore {
     /// taken inside its transaction.
     fn events_visible_in_id_order(&self) -> bool {
         true
+    }
+
+    fn ready_runs_signal(&self) -> Option<tokio::sync::watch::Receiver<()>> {
+        Some(self.writer.ready_runs.subscribe())
     }
 
     async fn heartbeat_worker(&self, worker: &WorkerInfo) -> Result<()> {

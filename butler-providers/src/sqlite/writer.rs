@@ -211,6 +211,8 @@ pub(crate) struct Writer {
     /// The process that started the thread: a forked child inherits the registry but not
     /// the thread, so it must open its own writer.
     pid: u32,
+    /// Rung when runs became `ready` through any store of this process on the database.
+    pub(crate) ready_runs: butler_core::ReadyRunsBell,
 }
 
 impl fmt::Debug for Writer {
@@ -353,6 +355,7 @@ impl Writer {
             location: location.into(),
             jobs: Mutex::new(Some(jobs)),
             pid: std::process::id(),
+            ready_runs: butler_core::ReadyRunsBell::default(),
         }))
     }
 
