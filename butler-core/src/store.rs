@@ -137,8 +137,10 @@ pub trait RunStore: Send + Sync + Debug + 'static {
     }
 
     /// A signal that changes after runs became `ready` through this store value or its clones
-    /// (a launch, a reset), so that a scheduler in the same process takes them at once instead
-    /// of at its next poll. `None`, the default, where the store gives no such signal.
+    /// (a launch, a reset) and, where the store can tell, through other processes, so that a
+    /// scheduler takes them at once instead of at its next poll. It may also change when no
+    /// run became ready, which costs the scheduler one look. `None`, the default, where the
+    /// store gives no such signal.
     fn ready_runs_signal(&self) -> Option<watch::Receiver<()>> {
         None
     }

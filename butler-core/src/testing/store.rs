@@ -1285,7 +1285,8 @@ pub async fn a_set_applies_all_of_its_changes_or_none(store: &dyn RunStore) {
 }
 
 /// Where the store gives a ready-runs signal, it changes after a launch and after a change that
-/// puts a run back to `ready` (a reset), and not after other changes.
+/// puts a run back to `ready` (a reset). (It may change at other times too, as when another
+/// process's notification arrives late: that costs a scheduler one needless look.)
 pub async fn ready_runs_are_signalled(store: &dyn RunStore) {
     let Some(mut signal) = store.ready_runs_signal() else {
         return;
@@ -1297,16 +1298,12 @@ pub async fn ready_runs_are_signalled(store: &dyn RunStore) {
         .id;
     assert!(signal.has_changed().expect("signal"), "a launch signals");
 
-    signal.borrow_and_update();
     let scheduled = run_change(id, RunStatus::Ready, RunStatus::Scheduled);
     assert_eq!(
         apply(store, vec![vec![Change::Run(scheduled)]]).await,
         [true]
     );
-    assert!(
-        !signal.has_changed().expect("signal"),
-        "a run leaving `ready` does not signal"
-    );
+    signal.borrow_and_update();
     let back = run_change(id, RunStatus::Scheduled, RunStatus::Ready);
     assert_eq!(apply(store, vec![vec![Change::Run(back)]]).await, [true]);
     assert!(

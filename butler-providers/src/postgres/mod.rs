@@ -5,6 +5,7 @@
 //! usually parsed from a `postgres://` URL. The queue shares the store's connection pool.
 
 mod config;
+mod listen;
 mod queue;
 mod store;
 

@@ -11,10 +11,10 @@ use butler_core::queue::{
 use butler_core::{Error, Result};
 use chrono::{DateTime, Utc};
 use sqlx::Row;
-use sqlx::pool::CloseEvent;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions, PgRow};
-use tokio::sync::{Notify, oneshot};
-use tokio::task::JoinHandle;
+use sqlx::postgres::{PgPool, PgRow};
+use tokio::sync::Notify;
+
+use super::listen::{Heard, Listening};
 
 /// SQL: the timestamp `$at` as RFC 3339 text in UTC with milliseconds, as history lines start.
 macro_rules! utc_text {
@@ -222,9 +222,6 @@ const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// How long a waiting dequeue pauses when a message is visible but another consumer is taking it.
 const BUSY_PAUSE: Duration = Duration::from_millis(10);
 
-/// How long the listener waits before reconnecting after its connection failed.
-const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
-
 /// A [`Queue`] in PostgreSQL tables, shared by every process and machine using the database.
 ///
 /// A dequeue is one statement that leases rows with `FOR UPDATE SKIP LOCKED`, so consumers never
@@ -251,14 +248,7 @@ struct Inner {
     pool: PgPool,
     wakers: Arc<Wakers>,
     /// The listener task, started by the first waiting dequeue.
-    listener: tokio::sync::Mutex<Option<ListenerTask>>,
-}
-
-/// The running listener; dropping it stops the task.
-#[derive(Debug)]
-struct ListenerTask {
-    handle: JoinHandle<()>,
-    _stop: oneshot::Sender<()>,
+    listener: tokio::sync::Mutex<Option<Listening>>,
 }
 
 /// The wake-ups of waiting dequeues in this process, by queue name.
@@ -329,40 +319,24 @@ impl PgQueue {
     /// process wakes the waiters of its queue.
     async fn ensure_listening(&self) -> Result<()> {
         let mut slot = self.inner.listener.lock().await;
-        if slot.as_ref().is_some_and(|task| !task.handle.is_finished()) {
+        if slot.as_ref().is_some_and(Listening::is_running) {
             return Ok(());
         }
         let channel = self.channel().await?;
-        let options = (*self.inner.pool.connect_options())
-            .clone()
-            .application_name(Self::LISTENER_APPLICATION_NAME);
-        // Its own connection, so the listener never takes one of the pool's.
-        let listen_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .connect_lazy_with(options);
-        let action = || format!("listen for queue notifications on channel {channel:?}");
-        let mut listener = PgListener::connect_with(&listen_pool)
-            .await
-            .map_err(db_error(action()))?;
-        listener
-            .listen(&channel)
-            .await
-            .map_err(db_error(action()))?;
-        let (stop, stopped) = oneshot::channel();
-        let handle = tokio::spawn(listen(
-            listener,
-            listen_pool,
-            Arc::clone(&self.inner.wakers),
-            stopped,
-            self.inner.pool.close_event(),
-        ));
-        *slot = Some(ListenerTask {
-            handle,
-            _stop: stop,
-        });
+        let wakers = Arc::clone(&self.inner.wakers);
+        let listening = Listening::start(
+            &self.inner.pool,
+            &channel,
+            Self::LISTENER_APPLICATION_NAME,
+            "queue notifications",
+            move |heard| match heard {
+                Heard::Notification(queue) => wakers.wake(queue),
+                // Whatever was sent meanwhile is lost, so every waiter looks again.
+                Heard::Gap => wakers.wake_all(),
+            },
+        )
+        .await?;
+        *slot = Some(listening);
         Ok(())
     }
 
@@ -464,43 +438,6 @@ enum Repeated {
 
 /// The listener task: wakes the waiters of each queue named by a notification until the last
 /// clone of its `PgQueue` is dropped or the queue's pool is closed.
-async fn listen(
-    mut listener: PgListener,
-    listen_pool: PgPool,
-    wakers: Arc<Wakers>,
-    mut stop: oneshot::Receiver<()>,
-    mut pool_closed: CloseEvent,
-) {
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            () = &mut pool_closed => break,
-            got = listener.try_recv() => match got {
-                Ok(Some(notification)) => wakers.wake(notification.payload()),
-                // The connection was lost and is back: whatever was sent meanwhile is lost, so
-                // every waiter looks again.
-                Ok(None) => wakers.wake_all(),
-                Err(error) => {
-                    tracing::warn!(
-                        %error,
-                        "the queue listener lost its connection; waiting dequeues poll every {:?} \
-                         until it reconnects",
-                        PgQueue::POLL_INTERVAL
-                    );
-                    wakers.wake_all();
-                    tokio::select! {
-                        _ = &mut stop => break,
-                        () = &mut pool_closed => break,
-                        () = tokio::time::sleep(RECONNECT_PAUSE) => {}
-                    }
-                }
-            },
-        }
-    }
-    drop(listener);
-    listen_pool.close().await;
-}
-
 fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
     Ok(Delivery {
         tag: DeliveryTag {

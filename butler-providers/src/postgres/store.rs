@@ -20,6 +20,8 @@ use butler_core::model::{
     Workflow,
 };
 use butler_core::{BoxError, Error, Kind, ReadyRunsBell, Result, RunStore};
+
+use super::listen::Listening;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow};
@@ -29,6 +31,24 @@ use uuid::Uuid;
 use super::config::{PgConfig, redact};
 
 /// The migrations of the tracker, the engine and the queue, applied by [`PgStore::open`].
+/// SQL: the channel on which a launch or a reset announces that runs became `ready`, per
+/// schema. A channel name is at most 63 bytes; a longer schema name is replaced by its MD5.
+macro_rules! ready_runs_channel {
+    () => {
+        "(CASE WHEN octet_length(current_schema()) <= 50 \
+              THEN 'butler_runs_' || current_schema() \
+              ELSE 'butler_runs_' || md5(current_schema()) END)"
+    };
+}
+
+/// Tells other processes' schedulers, when `tx` commits, that runs became `ready`.
+async fn announce_ready_runs(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(concat!("SELECT pg_notify(", ready_runs_channel!(), ", '')"))
+        .execute(tx)
+        .await
+        .map(drop)
+}
+
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The columns of `runs` in the order [`run_from_row`] reads them.
@@ -76,8 +96,12 @@ pub struct PgStore {
     config: Arc<PgConfig>,
     /// The database as named in messages: host, port, database and schema, never the password.
     location: Arc<str>,
-    /// Rung when runs became `ready` through this store or its clones.
+    /// Rung when runs became `ready` through this store or its clones, or, once a scheduler
+    /// asked for the signal, through another process (a notification on `butler_runs_SCHEMA`).
     ready_runs: Arc<ReadyRunsBell>,
+    /// The listener on `butler_runs_SCHEMA`, started by the first
+    /// [`RunStore::ready_runs_signal`]; stopped when the last clone is dropped.
+    ready_runs_listener: Arc<tokio::sync::Mutex<Option<Listening>>>,
 }
 
 impl fmt::Debug for PgStore {
@@ -127,7 +151,56 @@ impl PgStore {
             config: Arc::new(config.clone()),
             location,
             ready_runs: Arc::default(),
+            ready_runs_listener: Arc::default(),
         })
+    }
+
+    /// The `application_name` of the connection that listens for runs other processes
+    /// launched, which tells it apart in `pg_stat_activity`.
+    pub const READY_RUNS_LISTENER_APPLICATION_NAME: &str = "butler launch listener";
+
+    /// Starts listening on `butler_runs_SCHEMA` unless a listener runs, in the background:
+    /// the scheduler asking does not wait, and finds runs launched before the listener
+    /// listens at its next poll.
+    fn listen_for_ready_runs(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (pool, slot, bell) = (
+            self.pool.clone(),
+            Arc::clone(&self.ready_runs_listener),
+            Arc::clone(&self.ready_runs),
+        );
+        runtime.spawn(async move {
+            let mut slot = slot.lock().await;
+            if slot.as_ref().is_some_and(Listening::is_running) {
+                return;
+            }
+            let started = async {
+                let channel: String = sqlx::query_scalar(concat!("SELECT ", ready_runs_channel!()))
+                    .fetch_one(&pool)
+                    .await
+                    .map_err(|e| {
+                        Error::unavailable("cannot read the launch notification channel", e)
+                    })?;
+                // Any notification, or a gap in them, may mean new runs: the scheduler looks.
+                Listening::start(
+                    &pool,
+                    &channel,
+                    Self::READY_RUNS_LISTENER_APPLICATION_NAME,
+                    "launches",
+                    move |_| bell.ring(),
+                )
+                .await
+            };
+            match started.await {
+                Ok(listening) => *slot = Some(listening),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "runs launched by other processes are taken at the scheduler's next poll"
+                ),
+            }
+        });
     }
 
     /// Opens the schema named by a `postgres://` or `postgresql://` URL (see
@@ -551,6 +624,9 @@ impl RunStore for PgStore {
         if let Err(e) = inserted {
             return Err(self.fail(&doing, e));
         }
+        announce_ready_runs(&mut tx)
+            .await
+            .map_err(|e| self.fail(&doing, e))?;
         self.commit(tx, &doing).await?;
         self.ready_runs.ring();
 
@@ -712,7 +788,7 @@ impl RunStore for PgStore {
 
     async fn apply(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>> {
         let readies = ReadyRunsBell::readies_runs(&sets);
-        let applied = self.apply_sets(sets).await?;
+        let applied = self.apply_sets(sets, readies).await?;
         if readies {
             self.ready_runs.ring();
         }
@@ -720,7 +796,9 @@ impl RunStore for PgStore {
     }
 
     fn ready_runs_signal(&self) -> Option<tokio::sync::watch::Receiver<()>> {
-        Some(self.ready_runs.subscribe())
+        let signal = self.ready_runs.subscribe();
+        self.listen_for_ready_runs();
+        Some(signal)
     }
 
     async fn list_tasks(&self, run_ids: &[Id]) -> Result<Vec<TaskInstance>> {

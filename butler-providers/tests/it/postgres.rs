@@ -178,6 +178,64 @@ async fn a_second_store_on_the_same_schema_sees_the_first_ones_writes() {
 }
 
 #[tokio::test]
+async fn launches_and_resets_in_another_process_signal_its_scheduler() {
+    let test = "launches_and_resets_in_another_process_signal_its_scheduler";
+    let Some(schema) = Schema::new(test).await else {
+        return;
+    };
+    let scheduler_side = schema.open().await;
+    let mut signal = scheduler_side
+        .ready_runs_signal()
+        .expect("the PostgreSQL store gives a ready-runs signal");
+    let (workflow, analysis) = setup(&schema.store, "elsewhere").await;
+    // The listener starts in the background: launch until one launch's notification arrives.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut heard = false;
+    let mut last = None;
+    while !heard && Instant::now() < deadline {
+        signal.borrow_and_update();
+        last = Some(
+            launch(&schema.store, &workflow, &analysis, 1)
+                .await
+                .expect("launch")[0]
+                .id,
+        );
+        heard = tokio::time::timeout(Duration::from_millis(500), signal.changed())
+            .await
+            .is_ok();
+    }
+    assert!(
+        heard,
+        "a launch in another process never reached the signal"
+    );
+
+    // Once listening, a reset there arrives too.
+    let id = last.expect("a run");
+    let scheduled = run_change(id, RunStatus::Ready, RunStatus::Scheduled);
+    assert_eq!(
+        schema
+            .store
+            .apply(vec![vec![scheduled]])
+            .await
+            .expect("apply"),
+        [true]
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal.borrow_and_update();
+    let back = run_change(id, RunStatus::Scheduled, RunStatus::Ready);
+    assert_eq!(
+        schema.store.apply(vec![vec![back]]).await.expect("apply"),
+        [true]
+    );
+    tokio::time::timeout(Duration::from_secs(5), signal.changed())
+        .await
+        .expect("a reset in another process reached the signal")
+        .expect("signal open");
+    scheduler_side.close().await;
+    schema.drop().await;
+}
+
+#[tokio::test]
 async fn stores_opening_a_new_schema_at_once_all_succeed() {
     let test = "stores_opening_a_new_schema_at_once_all_succeed";
     let Some(server) = crate::service_url("BUTLER_TEST_POSTGRES_URL", test) else {

@@ -40,8 +40,13 @@ const SELECT_RUN_EVENTS: &str = "SELECT id, at, run_id, task_id, try_number, fro
 
 impl PgStore {
     /// [`butler_core::RunStore::apply`]: every set in one transaction of two statements,
-    /// however many sets there are.
-    pub(super) async fn apply_sets(&self, sets: Vec<ChangeSet>) -> Result<Vec<bool>> {
+    /// however many sets there are; with `announce` (the sets put a run back to `ready`), a
+    /// notification to other processes' schedulers goes with the commit.
+    pub(super) async fn apply_sets(
+        &self,
+        sets: Vec<ChangeSet>,
+        announce: bool,
+    ) -> Result<Vec<bool>> {
         let changes: usize = sets.iter().map(Vec::len).sum();
         if changes == 0 {
             // Empty sets apply, and change nothing.
@@ -51,6 +56,11 @@ impl PgStore {
         let at = now_ms();
         let mut tx = self.begin(&doing).await?;
         let applied = apply::apply(self, &mut tx, &sets, at, &doing).await?;
+        if announce {
+            super::announce_ready_runs(&mut tx)
+                .await
+                .map_err(|e| self.fail(&doing, e))?;
+        }
         self.commit(tx, &doing).await?;
         Ok(applied)
     }
