@@ -20,8 +20,6 @@ use butler_core::model::{
     Workflow,
 };
 use butler_core::{BoxError, Error, Kind, ReadyRunsBell, Result, RunStore};
-
-use super::listen::Listening;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow};
@@ -29,8 +27,8 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool, Row}
 use uuid::Uuid;
 
 use super::config::{PgConfig, redact};
+use super::listen::Listening;
 
-/// The migrations of the tracker, the engine and the queue, applied by [`PgStore::open`].
 /// SQL: the channel on which a launch or a reset announces that runs became `ready`, per
 /// schema. A channel name is at most 63 bytes; a longer schema name is replaced by its MD5.
 macro_rules! ready_runs_channel {
@@ -49,6 +47,7 @@ async fn announce_ready_runs(tx: &mut PgConnection) -> Result<(), sqlx::Error> {
         .map(drop)
 }
 
+/// The migrations of the tracker, the engine and the queue, applied by [`PgStore::open`].
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The columns of `runs` in the order [`run_from_row`] reads them.
