@@ -174,12 +174,7 @@ async fn a_failed_attempt_is_retried_and_logged() {
 /// way), and says nothing of the runs around them that were not waited for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_ended_runs_answers_how_each_ended() {
-    let store = Arc::new(MemoryRunStore::new());
-    let tracker = Tracker::new(store.clone());
-    let analysis = tracker
-        .create_analysis("a", chrono::Utc::now().date_naive(), json!({}))
-        .await
-        .unwrap();
+    let (store, tracker, analysis) = store_with_analysis().await;
     // In id order: completes, is not waited for, fails, is cancelled, completes.
     let mut ids = Vec::new();
     for task in ["ok", "ok2", "bad", "cancelled", "ok3"] {
@@ -226,6 +221,17 @@ async fn waiting_for_ended_runs_answers_how_each_ended() {
     );
 }
 
+/// A memory store, a tracker on it and one analysis.
+async fn store_with_analysis() -> (Arc<MemoryRunStore>, Tracker, crate::model::Analysis) {
+    let store = Arc::new(MemoryRunStore::new());
+    let tracker = Tracker::new(store.clone());
+    let analysis = tracker
+        .create_analysis("a", chrono::Utc::now().date_naive(), json!({}))
+        .await
+        .unwrap();
+    (store, tracker, analysis)
+}
+
 /// Launches one run of a new workflow whose only task is `task`.
 async fn launch_one_task_run(tracker: &Tracker, analysis: Id, task: &str) -> Id {
     let text = format!("[[tasks]]\nid = \"{task}\"\nrun = \"true\"\n");
@@ -247,12 +253,7 @@ async fn launch_one_task_run(tracker: &Tracker, analysis: Id, task: &str) -> Id 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_launched_or_reset_in_the_process_start_before_the_next_poll() {
-    let store = Arc::new(MemoryRunStore::new());
-    let tracker = Tracker::new(store.clone());
-    let analysis = tracker
-        .create_analysis("a", chrono::Utc::now().date_naive(), json!({}))
-        .await
-        .unwrap();
+    let (store, tracker, analysis) = store_with_analysis().await;
     let executor = Arc::new(Scripted::default());
     let mut options = EngineOptions::new(std::env::temp_dir(), 2);
     // Far beyond the waits below: only the store's signal can start these runs in time.
