@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use butler_core::model::Id;
+use butler_core::model::{Id, RunStatus};
 use clap::{Args, Parser, Subcommand};
 
 /// Butler: register workflows, create analyses, launch one analysis run per sample config and
@@ -214,7 +214,7 @@ pub struct ListRuns {
     pub analysis: Option<Id>,
     /// Only runs in this status: ready, scheduled, in-progress, completed, error, cancelled.
     #[arg(short = 's', long = "status", value_name = "STATUS")]
-    pub status: Option<String>,
+    pub status: Option<RunStatus>,
     /// At most this many runs.
     #[arg(long, value_name = "N")]
     pub limit: Option<u32>,
@@ -246,7 +246,7 @@ pub struct GetRunCount {
     pub analysis: Id,
     /// Print only the number of runs in this status.
     #[arg(short = 's', long = "status", value_name = "STATUS")]
-    pub status: Option<String>,
+    pub status: Option<RunStatus>,
     /// Print a JSON object {status: count}.
     #[arg(long)]
     pub json: bool,

@@ -15,7 +15,7 @@ pub async fn list(tracker: &Tracker, args: ListRuns, out: &mut impl Write) -> Re
     let filter = RunFilter {
         workflow_id: args.workflow,
         analysis_id: args.analysis,
-        status: args.status.as_deref().map(str::parse).transpose()?,
+        status: args.status,
         after_id: None,
         limit: args.limit,
         newest_first: false,
@@ -41,7 +41,7 @@ pub async fn list(tracker: &Tracker, args: ListRuns, out: &mut impl Write) -> Re
 
 /// Prints how many runs of an analysis are in one status, or in each.
 pub async fn count(tracker: &Tracker, args: GetRunCount, out: &mut impl Write) -> Result<()> {
-    let only: Option<RunStatus> = args.status.as_deref().map(str::parse).transpose()?;
+    let only = args.status;
     let counts = tracker.run_counts(args.analysis).await?;
     let counts: Vec<(RunStatus, u64)> = counts
         .into_iter()

@@ -99,13 +99,15 @@ fn list_runs_filters_by_workflow_analysis_status_and_limit() {
 }
 
 #[test]
-fn an_unknown_status_lists_the_valid_ones() {
+fn an_unknown_status_is_a_usage_error_listing_the_valid_ones() {
     let sandbox = Sandbox::new();
     for args in [
         &["list-runs", "-s", "running"][..],
         &["get-run-count", "-a", "1", "-s", "running"],
     ] {
-        let stderr = sandbox.fail(args);
+        let outcome = sandbox.run(args);
+        assert_eq!(outcome.code, 2, "butler {args:?}: {outcome:?}");
+        let stderr = outcome.stderr;
         assert!(stderr.contains("\"running\""), "{stderr}");
         for status in [
             "ready",
@@ -118,6 +120,10 @@ fn an_unknown_status_lists_the_valid_ones() {
             assert!(stderr.contains(status), "{status} missing: {stderr}");
         }
     }
+    assert!(
+        !sandbox.home().exists(),
+        "a usage error must not touch BUTLER_HOME"
+    );
 }
 
 #[test]
