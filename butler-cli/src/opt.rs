@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use butler_core::model::{Id, RunStatus};
+use butler_core::model::{Id, RunStatus, parse_date};
+use chrono::NaiveDate;
 use clap::{Args, Parser, Subcommand};
 
 /// Butler: register workflows, create analyses, launch one analysis run per sample config and
@@ -170,8 +171,8 @@ pub struct CreateAnalysis {
     #[arg(short = 'n', long = "name", value_name = "NAME")]
     pub name: String,
     /// Start date, YYYY-MM-DD or MM-DD-YYYY [default: today, UTC].
-    #[arg(short = 'd', long = "date", value_name = "DATE")]
-    pub date: Option<String>,
+    #[arg(short = 'd', long = "date", value_name = "DATE", value_parser = parse_date)]
+    pub date: Option<NaiveDate>,
     /// The analysis's config: a JSON object, layered over the workflow's config.
     #[arg(short = 'c', long = "config", value_name = "CONFIG.json")]
     pub config: PathBuf,

@@ -4,7 +4,6 @@ use std::io::Write;
 
 use anyhow::Result;
 use butler_core::config;
-use butler_core::model::parse_date;
 use butler_core::tracker::Tracker;
 use chrono::Utc;
 use serde_json::Value;
@@ -14,10 +13,7 @@ use crate::output::{Table, timestamp};
 
 /// Creates an analysis and prints its id.
 pub async fn create(tracker: &Tracker, args: CreateAnalysis, out: &mut impl Write) -> Result<()> {
-    let start_date = match &args.date {
-        Some(text) => parse_date(text)?,
-        None => Utc::now().date_naive(),
-    };
+    let start_date = args.date.unwrap_or_else(|| Utc::now().date_naive());
     let config = config::read_json_file(&args.config)?;
     let analysis = tracker
         .create_analysis(&args.name, start_date, config)

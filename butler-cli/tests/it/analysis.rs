@@ -86,11 +86,12 @@ fn list_analyses_json_has_the_table_fields() {
 }
 
 #[test]
-fn bad_dates_are_refused_with_the_accepted_forms() {
+fn bad_dates_are_usage_errors_naming_the_accepted_forms() {
     let sandbox = Sandbox::new();
     let config = sandbox.write("an.json", "{}");
     for date in ["31/03/2024", "2024-02-30", "yesterday", "13-01-2024"] {
-        let stderr = sandbox.fail(&["create-analysis", "-n", "a", "-d", date, "-c", &config]);
+        let stderr =
+            sandbox.usage_error(&["create-analysis", "-n", "a", "-d", date, "-c", &config]);
         assert!(stderr.contains(date), "{stderr}");
         assert!(
             stderr.contains("YYYY-MM-DD") && stderr.contains("MM-DD-YYYY"),

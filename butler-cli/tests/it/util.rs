@@ -118,10 +118,27 @@ impl Sandbox {
     /// Runs `butler ARGS`, checks that it failed with exit code 1 and an `error: ` line, and
     /// returns stderr.
     pub fn fail(&self, args: &[&str]) -> String {
+        self.fail_with(1, args)
+    }
+
+    /// Runs `butler ARGS`, checks that it was refused as a usage error (exit code 2) with an
+    /// `error: ` line before touching `BUTLER_HOME`, and returns stderr.
+    pub fn usage_error(&self, args: &[&str]) -> String {
+        let had_home = self.home().exists();
+        let stderr = self.fail_with(2, args);
+        assert_eq!(
+            self.home().exists(),
+            had_home,
+            "a usage error must not touch BUTLER_HOME: butler {args:?}"
+        );
+        stderr
+    }
+
+    fn fail_with(&self, code: i32, args: &[&str]) -> String {
         let outcome = self.run(args);
         assert_eq!(
-            outcome.code, 1,
-            "butler {args:?} should fail with 1:\nstdout: {}\nstderr: {}",
+            outcome.code, code,
+            "butler {args:?} should fail with {code}:\nstdout: {}\nstderr: {}",
             outcome.stdout, outcome.stderr
         );
         assert!(
