@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use butler_core::model::{Id, RunStatus, parse_date};
 use chrono::NaiveDate;
 use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
 
 /// Butler: register workflows, create analyses, launch one analysis run per sample config and
 /// run them.
@@ -272,8 +273,20 @@ pub struct PrintEffectiveConfig {
 #[derive(Debug, Args)]
 pub struct PrintConfig {
     /// The config's id (a UUID, as printed by list-workflows and list-analyses).
-    #[arg(short = 'c', long = "config", value_name = "CONFIG_ID")]
-    pub config: String,
+    #[arg(short = 'c', long = "config", value_name = "CONFIG_ID", value_parser = parse_config_id)]
+    pub config: Uuid,
+}
+
+/// A config id as `print-config` takes it: a UUID, surrounding spaces ignored.
+fn parse_config_id(text: &str) -> Result<Uuid, String> {
+    let text = text.trim();
+    Uuid::parse_str(text).map_err(|e| {
+        format!(
+            "bad config id {text:?} ({e}); a config id is a UUID such as \
+             67e55044-10b1-426f-9247-bb680e5fe0c8, printed by `butler list-workflows` and \
+             `butler list-analyses`"
+        )
+    })
 }
 
 /// Arguments of `print-commands`.

@@ -2,12 +2,11 @@
 
 use std::io::Write;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use butler_core::config as layers;
 use butler_core::model::ConfigOwner;
 use butler_core::tracker::Tracker;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 use crate::opt::{PrintCommands, PrintConfig, PrintEffectiveConfig, UpdateConfig};
 use crate::output::{Table, print_json};
@@ -63,15 +62,7 @@ pub async fn effective(
 
 /// Prints a stored config.
 pub async fn print(tracker: &Tracker, args: PrintConfig, out: &mut impl Write) -> Result<()> {
-    let text = args.config.trim();
-    let id = Uuid::parse_str(text).map_err(|e| {
-        anyhow!(
-            "bad config id {text:?} ({e}); a config id is a UUID such as \
-             67e55044-10b1-426f-9247-bb680e5fe0c8, printed by `butler list-workflows` and \
-             `butler list-analyses`"
-        )
-    })?;
-    let config = tracker.store().get_config(id).await?;
+    let config = tracker.store().get_config(args.config).await?;
     print_json(out, &config.data)?;
     Ok(())
 }

@@ -209,7 +209,7 @@ fn update_config_needs_exactly_one_owner() {
 #[test]
 fn print_config_rejects_malformed_and_unknown_ids() {
     let sandbox = Sandbox::new();
-    let stderr = sandbox.fail(&["print-config", "-c", "not-a-uuid"]);
+    let stderr = sandbox.usage_error(&["print-config", "-c", "not-a-uuid"]);
     assert!(
         stderr.contains("\"not-a-uuid\"") && stderr.contains("UUID"),
         "{stderr}"
