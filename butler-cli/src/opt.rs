@@ -277,6 +277,15 @@ pub struct PrintConfig {
     pub config: Uuid,
 }
 
+/// `--slots` of `worker`, which runs nothing but its slots.
+fn worker_slots(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("a worker with --slots 0 would run nothing; give --slots 1 or more".into()),
+        Ok(slots) => Ok(slots),
+        Err(e) => Err(format!("{e}; give --slots 1 or more")),
+    }
+}
+
 /// A config id as `print-config` takes it: a UUID, surrounding spaces ignored.
 fn parse_config_id(text: &str) -> Result<Uuid, String> {
     let text = text.trim();
@@ -314,9 +323,9 @@ pub struct Slots {
 /// Arguments of `worker`.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// How many attempts run at once.
-    #[command(flatten)]
-    pub slots: Slots,
+    /// Task attempts run at once in this process, 1 or more [default: the number of CPUs].
+    #[arg(long, value_name = "N", value_parser = worker_slots)]
+    pub slots: Option<usize>,
     /// The worker's name in `list-workers`, unique among the workers of the store
     /// [default: HOST/PID].
     #[arg(long, value_name = "NAME")]

@@ -156,10 +156,7 @@ pub async fn scheduler(settings: &Settings, backends: &Backends) -> Result<()> {
 
 /// Executes task attempts scheduled by another process until stopped by a signal.
 pub async fn worker(settings: &Settings, backends: &Backends, args: WorkerArgs) -> Result<()> {
-    let slots = settings.slots(args.slots.slots);
-    if slots == 0 {
-        bail!("a worker with --slots 0 would run nothing; give --slots 1 or more");
-    }
+    let slots = settings.slots(args.slots);
     let mut options = settings.engine_options(slots)?;
     if let Some(name) = args.name {
         options.name = worker_name(&name)?;

@@ -307,7 +307,7 @@ fn logs_and_status_commands_explain_what_is_missing() {
     }
     let error = sandbox.fail(&["wait", "-a", "99"]);
     assert!(error.contains("99"), "{error}");
-    let error = sandbox.fail(&["worker", "--slots", "0"]);
+    let error = sandbox.usage_error(&["worker", "--slots", "0"]);
     assert!(error.contains("--slots 1"), "{error}");
 
     let status = sandbox.run_status(1);
