@@ -10,12 +10,15 @@ use serde_json::Value;
 
 use crate::opt::CreateAnalysis;
 use crate::output::{Table, timestamp};
+use crate::settings::Settings;
 
-/// Creates an analysis and prints its id.
-pub async fn create(tracker: &Tracker, args: CreateAnalysis, out: &mut impl Write) -> Result<()> {
+/// Creates an analysis and prints its id. Its config is read before the store is opened.
+pub async fn create(settings: &Settings, args: CreateAnalysis, out: &mut impl Write) -> Result<()> {
     let start_date = args.date.unwrap_or_else(|| Utc::now().date_naive());
     let config = config::read_json_file(&args.config)?;
-    let analysis = tracker
+    let analysis = settings
+        .tracker()
+        .await?
         .create_analysis(&args.name, start_date, config)
         .await?;
     writeln!(out, "Created analysis with ID: {}", analysis.id)?;

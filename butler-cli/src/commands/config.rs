@@ -10,16 +10,18 @@ use serde_json::{Value, json};
 
 use crate::opt::{PrintCommands, PrintConfig, PrintEffectiveConfig, UpdateConfig};
 use crate::output::{Table, print_json};
+use crate::settings::Settings;
 
 /// Replaces a workflow's or an analysis's config layer and prints the new config id.
-pub async fn update(tracker: &Tracker, args: UpdateConfig, out: &mut impl Write) -> Result<()> {
+pub async fn update(settings: &Settings, args: UpdateConfig, out: &mut impl Write) -> Result<()> {
     let owner = match (args.workflow, args.analysis) {
         (Some(id), None) => ConfigOwner::Workflow(id),
         (None, Some(id)) => ConfigOwner::Analysis(id),
         _ => bail!("give exactly one of -w WORKFLOW_ID or -a ANALYSIS_ID"),
     };
+    // Read before the store is opened, so a missing or bad file leaves no trace.
     let data = layers::read_json_file(&args.config)?;
-    let config = tracker.update_config(owner, data).await?;
+    let config = settings.tracker().await?.update_config(owner, data).await?;
     let (kind, id) = match owner {
         ConfigOwner::Workflow(id) => ("workflow", id),
         ConfigOwner::Analysis(id) => ("analysis", id),

@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
-use super::launch;
+use super::launch::RunConfigs;
 use crate::opt::{LaunchWorkflow, ServerArgs, Wait, WorkerArgs};
 use crate::output;
 use crate::server::{self, AppState, Auth};
@@ -33,15 +33,19 @@ pub async fn launch_workflow(
     args: LaunchWorkflow,
     out: &mut impl Write,
 ) -> Result<()> {
+    let configs = RunConfigs::read(&args)?;
     if !args.wait {
-        return launch::launch(&settings.tracker().await?, &args, out)
+        return configs
+            .launch(&settings.tracker().await?, &args, out)
             .await
             .map(drop);
     }
     // The queue is opened before anything is launched, so a queue that cannot be reached
     // leaves no runs behind that this command promised to run.
     let backends = settings.connect().await?;
-    let runs = launch::launch(&Tracker::new(backends.store.clone()), &args, out).await?;
+    let runs = configs
+        .launch(&Tracker::new(backends.store.clone()), &args, out)
+        .await?;
     out.flush()?;
     let slots = settings.slots(args.slots);
     run_to_the_end(settings, &backends, &runs, slots).await

@@ -15,39 +15,55 @@ use crate::opt::LaunchWorkflow;
 /// Launches below this many run configs are quick enough to need no progress bar.
 const PROGRESS_THRESHOLD: usize = 200;
 
-/// Reads every run config, launches them all or none, prints the new run ids and returns them.
-pub async fn launch(
-    tracker: &Tracker,
-    args: &LaunchWorkflow,
-    out: &mut impl Write,
-) -> Result<Vec<Id>> {
-    let files = config::run_config_files(&args.config)?;
-    let progress = progress_bar(files.len());
-    let runs = read_all(&files, &progress);
-    let launched = match runs {
-        Ok(runs) => {
-            progress.set_message("checking and storing runs");
-            progress.enable_steady_tick(Duration::from_millis(120));
-            tracker
-                .launch(args.workflow, args.analysis, runs, args.allow_duplicates)
-                .await
+/// The run configs of one `launch-workflow`, read and parsed before the store is opened, so a
+/// missing or bad file leaves no trace, not even a new `BUTLER_HOME`.
+pub struct RunConfigs {
+    runs: Vec<RunSource>,
+    progress: ProgressBar,
+}
+
+impl RunConfigs {
+    /// Reads every run config `args` names.
+    pub fn read(args: &LaunchWorkflow) -> Result<Self> {
+        let files = config::run_config_files(&args.config)?;
+        let progress = progress_bar(files.len());
+        match read_all(&files, &progress) {
+            Ok(runs) => Ok(Self { runs, progress }),
+            Err(error) => {
+                progress.finish_and_clear();
+                Err(error.into())
+            }
         }
-        Err(error) => Err(error),
-    };
-    progress.finish_and_clear();
-    let launched = launched?;
-    let noun = if launched.len() == 1 { "run" } else { "runs" };
-    eprintln!(
-        "Launched {} {noun} of workflow {} for analysis {}",
-        launched.len(),
-        args.workflow,
-        args.analysis
-    );
-    let ids: Vec<Id> = launched.iter().map(|run| run.id).collect();
-    for id in &ids {
-        writeln!(out, "{id}")?;
     }
-    Ok(ids)
+
+    /// Launches the runs, all or none, prints their new ids and returns them.
+    pub async fn launch(
+        self,
+        tracker: &Tracker,
+        args: &LaunchWorkflow,
+        out: &mut impl Write,
+    ) -> Result<Vec<Id>> {
+        let Self { runs, progress } = self;
+        progress.set_message("checking and storing runs");
+        progress.enable_steady_tick(Duration::from_millis(120));
+        let launched = tracker
+            .launch(args.workflow, args.analysis, runs, args.allow_duplicates)
+            .await;
+        progress.finish_and_clear();
+        let launched = launched?;
+        let noun = if launched.len() == 1 { "run" } else { "runs" };
+        eprintln!(
+            "Launched {} {noun} of workflow {} for analysis {}",
+            launched.len(),
+            args.workflow,
+            args.analysis
+        );
+        let ids: Vec<Id> = launched.iter().map(|run| run.id).collect();
+        for id in &ids {
+            writeln!(out, "{id}")?;
+        }
+        Ok(ids)
+    }
 }
 
 fn read_all(files: &[PathBuf], progress: &ProgressBar) -> butler_core::Result<Vec<RunSource>> {

@@ -53,24 +53,19 @@ async fn dispatch(settings: &Settings, command: Command) -> Result<()> {
     let mut stdout = io::stdout().lock();
     let out = &mut stdout;
     match command {
-        Command::CreateWorkflow(args) => {
-            workflow::create(&settings.tracker().await?, settings, args, out).await?
-        }
+        // The commands that read files read them before they open the store.
+        Command::CreateWorkflow(args) => workflow::create(settings, args, out).await?,
         Command::ListWorkflows(args) => {
             workflow::list(&settings.tracker().await?, args.json, out).await?
         }
-        Command::CreateAnalysis(args) => {
-            analysis::create(&settings.tracker().await?, args, out).await?
-        }
+        Command::CreateAnalysis(args) => analysis::create(settings, args, out).await?,
         Command::ListAnalyses(args) => {
             analysis::list(&settings.tracker().await?, args.json, out).await?
         }
         Command::LaunchWorkflow(args) => engine::launch_workflow(settings, args, out).await?,
         Command::ListRuns(args) => runs::list(&settings.tracker().await?, args, out).await?,
         Command::GetRunCount(args) => runs::count(&settings.tracker().await?, args, out).await?,
-        Command::UpdateConfig(args) => {
-            config::update(&settings.tracker().await?, args, out).await?
-        }
+        Command::UpdateConfig(args) => config::update(settings, args, out).await?,
         Command::PrintEffectiveConfig(args) => {
             config::effective(&settings.tracker().await?, args, out).await?
         }

@@ -13,20 +13,18 @@ use crate::opt::CreateWorkflow;
 use crate::output::{Table, timestamp};
 use crate::settings::Settings;
 
-/// Registers a workflow and prints its id.
-pub async fn create(
-    tracker: &Tracker,
-    settings: &Settings,
-    args: CreateWorkflow,
-    out: &mut impl Write,
-) -> Result<()> {
+/// Registers a workflow and prints its id. Its files are read before the store is opened, so
+/// a missing or bad file leaves no trace, not even a new `BUTLER_HOME`.
+pub async fn create(settings: &Settings, args: CreateWorkflow, out: &mut impl Write) -> Result<()> {
     let config = config::read_json_file(&args.config)?;
     let path = match args.definition {
         Some(path) => path,
         None => default_definition(settings, &args.name)?,
     };
     let definition = Definition::from_file(&path)?;
-    let workflow = tracker
+    let workflow = settings
+        .tracker()
+        .await?
         .create_workflow(&args.name, &args.version, config, definition)
         .await?;
     writeln!(out, "Created workflow with ID: {}", workflow.id)?;

@@ -40,6 +40,66 @@ fn usage_errors_exit_with_2() {
 }
 
 #[test]
+fn a_missing_or_bad_input_file_is_refused_before_butler_home_is_created() {
+    let sandbox = Sandbox::new();
+    let definition = sandbox.write("hello.toml", "[[tasks]]\nid = \"a\"\nrun = \"true\"\n");
+    let bad = sandbox.write("bad.json", "{\"a\": 1,}");
+    let cases: [&[&str]; 6] = [
+        &[
+            "create-workflow",
+            "-n",
+            "w",
+            "-v",
+            "1",
+            "-c",
+            "nowhere.json",
+            "--definition",
+            &definition,
+        ],
+        &[
+            "create-workflow",
+            "-n",
+            "w",
+            "-v",
+            "1",
+            "-c",
+            &bad,
+            "--definition",
+            &definition,
+        ],
+        &["create-analysis", "-n", "a", "-c", "nowhere.json"],
+        &["update-config", "-w", "1", "-c", &bad],
+        &["launch-workflow", "-w", "1", "-a", "1", "-c", "nowhere"],
+        &[
+            "launch-workflow",
+            "-w",
+            "1",
+            "-a",
+            "1",
+            "-c",
+            &bad,
+            "--wait",
+        ],
+    ];
+    for args in cases {
+        let stderr = sandbox.fail(args);
+        let file = if args.contains(&bad.as_str()) {
+            "bad.json"
+        } else {
+            "nowhere"
+        };
+        assert!(
+            stderr.contains(file),
+            "butler {args:?} must name {file}: {stderr}"
+        );
+        assert!(
+            !sandbox.home().exists(),
+            "butler {args:?} failed on its input but created BUTLER_HOME"
+        );
+    }
+}
+
+#[test]
 fn help_lists_butlers_commands() {
     let help = Sandbox::new().ok(&["--help"]).stdout;
     for command in [
