@@ -5,7 +5,7 @@
 //! every store applies the same compare-and-set rules, and writes each row once per call
 //! however many of its sets changed it.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use chrono::{DateTime, Utc};
 
@@ -84,8 +84,8 @@ enum Undo<'a> {
 /// absent here is refused.
 #[derive(Debug, Default)]
 pub struct Rows<'a> {
-    tasks: HashMap<Id, HashMap<String, TaskNow<'a>>>,
-    runs: HashMap<Id, RunNow<'a>>,
+    tasks: FxHashMap<Id, FxHashMap<String, TaskNow<'a>>>,
+    runs: FxHashMap<Id, RunNow<'a>>,
 }
 
 impl<'a> Rows<'a> {
@@ -93,9 +93,9 @@ impl<'a> Rows<'a> {
     /// order first named: the rows to read.
     pub fn keys(sets: &'a [ChangeSet]) -> (Vec<(Id, &'a str)>, Vec<Id>) {
         let mut tasks = Vec::new();
-        let mut seen_tasks = HashSet::new();
+        let mut seen_tasks = FxHashSet::default();
         let mut runs = Vec::new();
-        let mut seen_runs = HashSet::new();
+        let mut seen_runs = FxHashSet::default();
         for change in sets.iter().flatten() {
             let task = match change {
                 Change::Task(TaskChange { new, .. }) => (new.run_id, new.task_id.as_str()),

@@ -299,7 +299,11 @@ impl Writer {
             .map_err(|e| sqlite_error(location, doing, &e))?;
         let setup = || -> rusqlite::Result<()> {
             conn.pragma_update(None, "synchronous", target.synchronous)?;
-            conn.pragma_update(None, "foreign_keys", true)?;
+            // No foreign-key checks: this connection writes only the engine's changes to
+            // rows it has just read in the same transaction, and the queue's tables, which
+            // have no foreign keys. A check would look up the run of every event inserted,
+            // and make SQLite journal every page such an insert changes in case it fails.
+            conn.pragma_update(None, "foreign_keys", false)?;
             // The engine's writes keep the run counts per transaction themselves
             // (`store/engine/apply.rs`) rather than by the per-row trigger that every other
             // connection fires; nothing else this connection writes has a trigger.

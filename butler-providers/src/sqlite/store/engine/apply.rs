@@ -11,7 +11,7 @@
 //! connections fire (migration 0008) runs three statements for every run that changes status,
 //! a third of the cost of writing the run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 use butler_core::change::ChangeSet;
@@ -20,6 +20,7 @@ use butler_core::model::{Id, RunStatus, TaskState};
 use butler_core::{Error, Result};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension};
+use rustc_hash::FxHashMap;
 
 use super::super::{Context, Decoded};
 
@@ -72,10 +73,14 @@ static WRITE_EVENTS: LazyLock<[String; EVENT_BATCHES.len()]> =
 
 /// An `INSERT` of `rows` events, each as eight parameters: time, then the fields of
 /// [`NewEvent`] in order. The rows go in in the order listed, so their ids follow it.
+///
+/// `OR FAIL`, as in [`WRITE_RUN`]: a statement of many rows that could abort half way makes
+/// SQLite copy every page it changes to a statement journal first; this transaction is rolled
+/// back whole on any error instead.
 fn insert_events(rows: usize) -> String {
     let row = "(?, ?, ?, ?, ?, ?, ?, ?)";
     format!(
-        "INSERT INTO events \
+        "INSERT OR FAIL INTO events \
          (at, run_id, task_id, try_number, from_state, to_state, by_whom, reason) VALUES {}",
         vec![row; rows].join(", ")
     )
@@ -97,7 +102,7 @@ pub(super) fn apply(
 }
 
 /// Where a run is counted in `run_counts` as read: its workflow, analysis and status.
-type Counted = HashMap<Id, (Id, Id, RunStatus)>;
+type Counted = FxHashMap<Id, (Id, Id, RunStatus)>;
 
 /// Reads every task and run that the changes of `sets` name, each by its primary key; answers
 /// them with where each run read is counted.
@@ -108,7 +113,7 @@ fn read<'a>(
 ) -> Result<(Rows<'a>, Counted)> {
     let (task_keys, run_keys) = Rows::keys(sets);
     let mut rows = Rows::default();
-    let mut counted = Counted::with_capacity(run_keys.len());
+    let mut counted = Counted::with_capacity_and_hasher(run_keys.len(), Default::default());
     let mut read_task = conn.prepare_cached(READ_TASK).map_err(|e| cx.fail(&e))?;
     for (run_id, task_id) in task_keys {
         let found: Option<(String, i64, Option<i64>)> = read_task
