@@ -44,50 +44,28 @@ fn a_missing_or_bad_input_file_is_refused_before_butler_home_is_created() {
     let sandbox = Sandbox::new();
     let definition = sandbox.write("hello.toml", "[[tasks]]\nid = \"a\"\nrun = \"true\"\n");
     let bad = sandbox.write("bad.json", "{\"a\": 1,}");
-    let cases: [&[&str]; 6] = [
-        &[
-            "create-workflow",
-            "-n",
-            "w",
-            "-v",
-            "1",
-            "-c",
+    let create_workflow = |config| {
+        let args = "create-workflow -n w -v 1 --definition".split(' ');
+        args.chain([definition.as_str(), "-c", config])
+            .collect::<Vec<_>>()
+    };
+    let launch = |config, wait| {
+        let args = "launch-workflow -w 1 -a 1 -c".split(' ');
+        args.chain([config]).chain(wait).collect::<Vec<_>>()
+    };
+    let cases = [
+        (create_workflow("nowhere.json"), "nowhere.json"),
+        (create_workflow(&bad), "bad.json"),
+        (
+            vec!["create-analysis", "-n", "a", "-c", "nowhere.json"],
             "nowhere.json",
-            "--definition",
-            &definition,
-        ],
-        &[
-            "create-workflow",
-            "-n",
-            "w",
-            "-v",
-            "1",
-            "-c",
-            &bad,
-            "--definition",
-            &definition,
-        ],
-        &["create-analysis", "-n", "a", "-c", "nowhere.json"],
-        &["update-config", "-w", "1", "-c", &bad],
-        &["launch-workflow", "-w", "1", "-a", "1", "-c", "nowhere"],
-        &[
-            "launch-workflow",
-            "-w",
-            "1",
-            "-a",
-            "1",
-            "-c",
-            &bad,
-            "--wait",
-        ],
+        ),
+        (vec!["update-config", "-w", "1", "-c", &bad], "bad.json"),
+        (launch("nowhere", None), "nowhere"),
+        (launch(&bad, Some("--wait")), "bad.json"),
     ];
-    for args in cases {
-        let stderr = sandbox.fail(args);
-        let file = if args.contains(&bad.as_str()) {
-            "bad.json"
-        } else {
-            "nowhere"
-        };
+    for (args, file) in cases {
+        let stderr = sandbox.fail(&args);
         assert!(
             stderr.contains(file),
             "butler {args:?} must name {file}: {stderr}"
