@@ -541,6 +541,10 @@ impl Inner {
 
     /// Publishes `payload` with `meta` to where it becomes visible after `delay`: the main
     /// queue, or the start of the delay chain.
+    ///
+    /// The future ends when lapin's I/O thread has written the message, a round trip between
+    /// threads: the publishes of a batch are awaited together (`join_all`, which starts them in
+    /// order), so that the thread writes them in one go.
     async fn publish_visible(
         &self,
         channel: &Channel,
@@ -777,7 +781,7 @@ impl Inner {
         let line = history_line(now, &format!("nacked (visible again in {delay:?})"));
         let visible_at = now.timestamp_millis().saturating_add(millis(delay));
         let mut answers = vec![false; tags.len()];
-        let mut sent = Vec::new();
+        let mut held = Vec::new();
         for (i, tag) in tags.iter().enumerate() {
             let Some(lease) = take_lease(session, *tag) else {
                 continue;
@@ -785,11 +789,17 @@ impl Inner {
             let mut meta = lease.meta.clone();
             meta.history.push(line.clone());
             meta.visible_at = visible_at;
-            let confirm = self
-                .publish_visible(&publish, &meta, &lease.payload, delay)
-                .await;
-            sent.push((i, lease, confirm));
+            held.push((i, lease, meta));
         }
+        let confirms =
+            join_all(held.iter().map(|(_, lease, meta)| {
+                self.publish_visible(&publish, meta, &lease.payload, delay)
+            }))
+            .await;
+        let sent = held
+            .into_iter()
+            .zip(confirms)
+            .map(|((i, lease, _), confirm)| (i, lease, confirm));
         let mut failure = None;
         for (i, lease, confirm) in sent {
             let stored = match confirm {
@@ -1478,10 +1488,9 @@ impl Queue for AmqpQueue {
             }
             let publish = session.publish.channel(&session.connection).await?;
             let now = Utc::now().timestamp_millis();
-            let mut ids = Vec::with_capacity(messages.len());
-            let mut confirms = Vec::with_capacity(messages.len());
-            for message in &messages {
-                let meta = Meta {
+            let metas: Vec<Meta> = messages
+                .iter()
+                .map(|message| Meta {
                     id: inner.next_id(),
                     queue: queue.clone(),
                     deliveries: 0,
@@ -1491,22 +1500,20 @@ impl Queue for AmqpQueue {
                     priority: message.priority,
                     history: Vec::new(),
                     dead_at: None,
-                };
-                ids.push(meta.id);
-                confirms.push(
-                    inner
-                        .publish_visible(&publish, &meta, &message.payload, message.delay)
-                        .await,
-                );
-            }
-            let total = confirms.len();
+                })
+                .collect();
+            let ids = metas.iter().map(|meta| meta.id).collect();
+            let sent = metas.iter().zip(&messages).map(|(meta, message)| {
+                inner.publish_visible(&publish, meta, &message.payload, message.delay)
+            });
+            let stored = join_all(join_all(sent).await.into_iter().map(|confirm| async {
+                confirmed(confirm?, "enqueue a message to queue", &queue).await
+            }))
+            .await;
+            let total = stored.len();
             let mut failed = 0;
             let mut first = None;
-            for confirm in confirms {
-                let stored = match confirm {
-                    Ok(confirm) => confirmed(confirm, "enqueue a message to queue", &queue).await,
-                    Err(e) => Err(e),
-                };
+            for stored in stored {
                 if let Err(e) = stored {
                     failed += 1;
                     if first.is_none() {
