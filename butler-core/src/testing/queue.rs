@@ -27,6 +27,7 @@ const PAST_SHORT: Duration = Duration::from_millis(300);
 /// Runs every behaviour below against `queue`.
 pub async fn run_all(queue: &dyn Queue) {
     fifo_among_equal_priority(queue).await;
+    a_large_batch_keeps_its_order(queue).await;
     higher_priority_first(queue).await;
     delay_hides_until_due(queue).await;
     dequeue_returns_at_most_max(queue).await;
@@ -79,6 +80,32 @@ async fn take_one(queue: &dyn Queue, name: &str, lease: Duration) -> Delivery {
     let mut got = take(queue, name, 1, lease).await;
     assert_eq!(got.len(), 1, "a visible message is delivered");
     got.remove(0)
+}
+
+/// A batch far larger than any a backend sends in one piece still comes out in its order.
+pub async fn a_large_batch_keeps_its_order(queue: &dyn Queue) {
+    let name = unique("large-batch");
+    let sent: Vec<String> = (0..500).map(|i| format!("m{i}")).collect();
+    let batch = sent.iter().map(|p| NewMessage::new(p.as_str())).collect();
+    let ids = enqueue(queue, &name, batch).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} messages were delivered",
+            got.len(),
+            sent.len()
+        );
+        let more = queue
+            .dequeue(&name, sent.len() - got.len(), LONG, Duration::from_secs(1))
+            .await
+            .unwrap_or_else(|e| panic!("dequeue from {name}: {e}"));
+        got.extend(more);
+    }
+    let got_ids: Vec<i64> = got.iter().map(|d| d.tag.message_id).collect();
+    assert_eq!(got_ids, ids, "a large batch is delivered in enqueue order");
+    assert_eq!(payloads(&got), sent);
 }
 
 /// Messages of equal priority come out in enqueue order, with ids increasing, payloads unchanged
