@@ -741,6 +741,7 @@ impl RunStore for SqliteStore {
     }
 
     fn ready_runs_signal(&self) -> Option<tokio::sync::watch::Receiver<()>> {
+        self.writer.watch_other_processes();
         Some(self.writer.ready_runs.subscribe())
     }
 

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, Weak, mpsc};
+use std::sync::{Arc, Mutex, Once, OnceLock, Weak, mpsc};
 use std::time::Duration;
 
 use butler_core::engine::metrics::{STORE_COMMITS, STORE_TRANSACTION_DURATION};
@@ -44,6 +44,17 @@ const STATEMENT_CACHE: usize = 64;
 /// The least time between two checkpoints of the write-ahead log, so that a busy writer's
 /// commits share one.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// How often a writer whose ready-runs bell has a listener looks whether another process
+/// changed the database ([`Writer::watch_other_processes`]). SQLite tells no process of
+/// another's commits; `PRAGMA data_version` reads a counter in the shared log index, a few
+/// microseconds, so looking this often costs nothing noticeable and keeps a run launched by
+/// another process (`butler launch-workflow` beside `butler server`) from waiting for the
+/// scheduler's poll.
+const OTHER_PROCESSES_EVERY: Duration = Duration::from_millis(20);
+
+/// The newest `ready` run, by the index the scheduler claims them by.
+const NEWEST_READY_RUN: &str = "SELECT max(id) FROM runs WHERE status = 'ready'";
 
 /// The connection a [`Writer`] (and a reader of the same database) opens: the file, and the
 /// settings its pool runs with.
@@ -211,8 +222,11 @@ pub(crate) struct Writer {
     /// The process that started the thread: a forked child inherits the registry but not
     /// the thread, so it must open its own writer.
     pid: u32,
-    /// Rung when runs became `ready` through any store of this process on the database.
+    /// Rung when runs became `ready` through any store of this process on the database, and,
+    /// once [`Writer::watch_other_processes`] started, through another process.
     pub(crate) ready_runs: butler_core::ReadyRunsBell,
+    /// Starts the watch of other processes' changes once.
+    watching: Once,
 }
 
 impl fmt::Debug for Writer {
@@ -360,7 +374,33 @@ impl Writer {
             jobs: Mutex::new(Some(jobs)),
             pid: std::process::id(),
             ready_runs: butler_core::ReadyRunsBell::default(),
+            watching: Once::new(),
         }))
+    }
+
+    /// Rings [`Writer::ready_runs`] also when another process launches runs: from now on, and
+    /// until the last handle of this writer is dropped, a thread looks every
+    /// [`OTHER_PROCESSES_EVERY`] whether the database changed since it last looked and, if it
+    /// did, whether a newer run is `ready` than the newest it saw. Runs that wait (for
+    /// `max_active_runs`, say) ring no more than once; a run another process resets is still
+    /// found at the scheduler's poll. An in-memory database has no other process.
+    pub(crate) fn watch_other_processes(self: &Arc<Self>) {
+        if self.target.memory {
+            return;
+        }
+        self.watching.call_once(|| {
+            let (target, writer) = (self.target.clone(), Arc::downgrade(self));
+            let started = std::thread::Builder::new()
+                .name("butler-sqlite-watcher".to_owned())
+                .spawn(move || watch(&target, &writer));
+            if let Err(e) = started {
+                tracing::warn!(
+                    database = %self.location,
+                    error = %e,
+                    "no thread to watch other processes' launches; they start at the next poll"
+                );
+            }
+        });
     }
 
     /// The database, as named in messages.
@@ -446,6 +486,47 @@ fn serve(
         if let Some(checkpointer) = checkpointer {
             // A nudge already waiting covers this commit too.
             let _ = checkpointer.try_send(());
+        }
+    }
+}
+
+/// The watcher's thread of [`Writer::watch_other_processes`]; ends with the writer.
+fn watch(target: &Target, writer: &Weak<Writer>) {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let conn = match target.connect(flags) {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(
+                database = %target.path,
+                error = %e,
+                "cannot watch other processes' launches; they start at the next poll"
+            );
+            return;
+        }
+    };
+    let (mut seen, mut newest) = (None, None);
+    loop {
+        std::thread::sleep(OTHER_PROCESSES_EVERY);
+        let Some(writer) = writer.upgrade() else {
+            return;
+        };
+        // A failed look (the file busy past the timeout) is tried again at the next.
+        let Ok(version) = conn.query_row("PRAGMA data_version", [], |row| row.get::<_, i64>(0))
+        else {
+            continue;
+        };
+        if seen == Some(version) {
+            continue;
+        }
+        seen = Some(version);
+        let ready = conn
+            .prepare_cached(NEWEST_READY_RUN)
+            .and_then(|mut statement| statement.query_row([], |row| row.get::<_, Option<i64>>(0)));
+        if let Ok(Some(id)) = ready
+            && newest < Some(id)
+        {
+            newest = Some(id);
+            writer.ready_runs.ring();
         }
     }
 }

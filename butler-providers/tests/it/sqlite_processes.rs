@@ -308,3 +308,75 @@ async fn hot_writes_blocked_past_the_busy_timeout_are_unavailable_and_change_not
         .expect("the write succeeds once the lock is free");
     assert_eq!(queue.depth(QUEUE).await.expect("depth").ready, 1);
 }
+
+/// The database a [`child_launcher`] launches one run into.
+const LAUNCH_DB_VAR: &str = "BUTLER_TEST_CHILD_LAUNCH_DB";
+
+/// Launches one run of workflow 1 for analysis 1, as `butler launch-workflow` would beside a
+/// server; run by [`a_launch_by_another_process_rings_the_ready_runs_bell`].
+#[tokio::test]
+#[ignore = "a child process of a_launch_by_another_process_rings_the_ready_runs_bell"]
+async fn child_launcher() {
+    let Ok(db) = std::env::var(LAUNCH_DB_VAR) else {
+        eprintln!(
+            "skipping child_launcher: a_launch_by_another_process_rings_the_ready_runs_bell runs it"
+        );
+        return;
+    };
+    let store = SqliteStore::open(&SqliteConfig::new(&db))
+        .await
+        .expect("the store opens");
+    let source = RunSource {
+        source: None,
+        config: json!({}),
+    };
+    Tracker::new(Arc::new(store))
+        .launch(1, 1, vec![source], false)
+        .await
+        .expect("launch");
+}
+
+/// SQLite tells no process of another's commits: the scheduler of `butler server` learns of a
+/// run launched by another process from its store's ready-runs bell, which the store's writer
+/// rings when it sees the database changed and a newer run ready, instead of at its next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_by_another_process_rings_the_ready_runs_bell() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let tracker = Tracker::new(Arc::new(store.clone()));
+    let definition = Definition::parse(
+        "[[tasks]]\nid = \"a\"\nrun = \"true\"\n",
+        Format::Toml,
+        "t.toml",
+    )
+    .expect("definition");
+    tracker
+        .create_workflow("w", "1", json!({}), definition)
+        .await
+        .expect("workflow");
+    tracker
+        .create_analysis("a", chrono::Utc::now().date_naive(), json!({}))
+        .await
+        .expect("analysis");
+    let mut bell = store
+        .ready_runs_signal()
+        .expect("the SQLite store has a bell");
+    bell.borrow_and_update();
+
+    let status = Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "sqlite_processes::child_launcher",
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+        ])
+        .env(LAUNCH_DB_VAR, &db.path)
+        .status()
+        .expect("the child runs");
+    assert!(status.success(), "the child failed to launch: {status}");
+    // Nothing in this process launched: only the look at the file can ring.
+    tokio::time::timeout(Duration::from_secs(10), bell.changed())
+        .await
+        .expect("the bell rings within seconds of the other process's launch")
+        .expect("the store is open");
+}
