@@ -135,9 +135,8 @@ fn spawn_child(db: &Path, first_run: Id, out: &Path) -> Child {
         .expect("the child starts")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processes_share_one_file_without_losing_a_write() {
-    let db = TempDb::new();
+/// A store on `db` with a workflow of one task and an analysis, and their ids.
+async fn with_a_workflow(db: &TempDb) -> (SqliteStore, Tracker, Id, Id) {
     let store = db.open().await;
     let tracker = Tracker::new(Arc::new(store.clone()));
     let definition = Definition::parse(
@@ -154,6 +153,13 @@ async fn processes_share_one_file_without_losing_a_write() {
         .create_analysis("shared", chrono::Utc::now().date_naive(), json!({}))
         .await
         .expect("analysis");
+    (store, tracker, workflow.id, analysis.id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_share_one_file_without_losing_a_write() {
+    let db = TempDb::new();
+    let (store, tracker, workflow, analysis) = with_a_workflow(&db).await;
     let sources = (0..PROCESSES * RUNS_EACH)
         .map(|n| RunSource {
             source: None,
@@ -161,7 +167,7 @@ async fn processes_share_one_file_without_losing_a_write() {
         })
         .collect();
     let runs = tracker
-        .launch(workflow.id, analysis.id, sources, false)
+        .launch(workflow, analysis, sources, false)
         .await
         .expect("launch");
     let ids: Vec<Id> = runs.iter().map(|r| r.id).collect();
@@ -342,22 +348,12 @@ async fn child_launcher() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launch_by_another_process_rings_the_ready_runs_bell() {
     let db = TempDb::new();
-    let store = db.open().await;
-    let tracker = Tracker::new(Arc::new(store.clone()));
-    let definition = Definition::parse(
-        "[[tasks]]\nid = \"a\"\nrun = \"true\"\n",
-        Format::Toml,
-        "t.toml",
-    )
-    .expect("definition");
-    tracker
-        .create_workflow("w", "1", json!({}), definition)
-        .await
-        .expect("workflow");
-    tracker
-        .create_analysis("a", chrono::Utc::now().date_naive(), json!({}))
-        .await
-        .expect("analysis");
+    let (store, _, workflow, analysis) = with_a_workflow(&db).await;
+    assert_eq!(
+        (workflow, analysis),
+        (1, 1),
+        "the ids the child launches with"
+    );
     let mut bell = store
         .ready_runs_signal()
         .expect("the SQLite store has a bell");
