@@ -436,8 +436,6 @@ enum Repeated {
     SameAnswer,
 }
 
-/// The listener task: wakes the waiters of each queue named by a notification until the last
-/// clone of its `PgQueue` is dropped or the queue's pool is closed.
 fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
     Ok(Delivery {
         tag: DeliveryTag {

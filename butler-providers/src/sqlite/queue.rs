@@ -67,12 +67,8 @@ const NEXT: &str = "SELECT id FROM queue_messages \
                     ORDER BY priority DESC, visible_at, id LIMIT ?3";
 
 /// Leases message `?4` until `?1`, with `?2` and `?3` the parts of its history line.
-///
-/// `OR FAIL`: SQLite runs `RETURNING` as a trigger, and a statement with a trigger that could
-/// abort half way journals every page it changes first; the writer rolls the whole transaction
-/// back on any error instead.
 const LEASE: &str = concat!(
-    "UPDATE OR FAIL queue_messages
+    "UPDATE queue_messages
      SET deliveries = deliveries + 1,
          token = token + 1,
          leased_until = ?1,
